@@ -1,0 +1,53 @@
+"""The contract: generated stubs are fresh and the proto passes buf lint."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GENERATED = ROOT / "client" / "clipvision" / "v1"
+
+
+def test_generated_stubs_match_the_proto(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "generate_stubs.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    fresh = tmp_path / "clipvision" / "v1"
+    fresh_files = sorted(p.name for p in fresh.iterdir() if p.is_file())
+    committed_files = sorted(p.name for p in GENERATED.iterdir() if p.is_file())
+    assert fresh_files == committed_files, "run: python scripts/generate_stubs.py"
+    for name in fresh_files:
+        assert (fresh / name).read_bytes() == (GENERATED / name).read_bytes(), (
+            f"{name} is stale; run: python scripts/generate_stubs.py"
+        )
+
+
+def test_buf_lint_passes() -> None:
+    # buf-bin installs the CLI beside the interpreter; fall back to PATH.
+    beside = Path(sys.executable).parent / "buf"
+    buf = str(beside) if beside.exists() else shutil.which("buf")
+    assert buf is not None, "the buf CLI is missing: pip install -e '.[dev]'"
+    result = subprocess.run([buf, "lint"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_rpc_uses_its_own_request_and_response() -> None:
+    from clipvision.v1 import embedding_service_pb2 as pb
+
+    service = pb.DESCRIPTOR.services_by_name["EmbeddingService"]
+    assert [m.name for m in service.methods] == [
+        "EmbedImage",
+        "EmbedImages",
+        "EmbedImageStream",
+        "GetModelInfo",
+    ]
+    for method in service.methods:
+        assert method.input_type.name == f"{method.name}Request"
+        assert method.output_type.name == f"{method.name}Response"
+    stream = service.methods_by_name["EmbedImageStream"]
+    assert stream.client_streaming and stream.server_streaming
