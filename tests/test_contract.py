@@ -50,4 +50,5 @@ def test_every_rpc_uses_its_own_request_and_response() -> None:
         assert method.input_type.name == f"{method.name}Request"
         assert method.output_type.name == f"{method.name}Response"
     stream = service.methods_by_name["EmbedImageStream"]
-    assert stream.client_streaming and stream.server_streaming
+    assert stream.client_streaming
+    assert stream.server_streaming

@@ -1,0 +1,1 @@
+"""The clipvision gRPC server: CLIP image embeddings for any language."""

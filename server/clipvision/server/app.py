@@ -1,0 +1,131 @@
+"""Build, start and stop the server.
+
+``create_server`` is kept apart from ``serve`` so that tests can bind port 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from clipvision.server.errors import CheckpointError
+from clipvision.server.health import HealthReporter
+from clipvision.server.interceptors import SERVICE_NAME, ErrorMappingInterceptor
+from clipvision.server.models import ModelRegistry
+from clipvision.server.servicer import EmbeddingServicer
+from clipvision.server.settings import Settings
+from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+logger = logging.getLogger(__name__)
+
+
+class ClipVisionServer:
+    """A built server and everything it owns: models, thread pools and health."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        # One thread owns the device: loads, forward passes and device-to-host copies
+        # run there in order, so batches never contend for it.
+        self._device_executor = ThreadPoolExecutor(1, thread_name_prefix="clipvision-device")
+        self._preprocess_executor = ThreadPoolExecutor(
+            settings.preprocess_workers, thread_name_prefix="clipvision-preprocess"
+        )
+        self.registry = ModelRegistry(settings, self._device_executor)
+        self.health = HealthReporter()
+        self.grpc_server = grpc.aio.server(
+            interceptors=[ErrorMappingInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+            ],
+        )
+        servicer = EmbeddingServicer(settings, self.registry, self._preprocess_executor)
+        pb_grpc.add_EmbeddingServiceServicer_to_server(servicer, self.grpc_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.grpc_server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.grpc_server,
+        )
+        self._stopped = False
+
+    def bind(self) -> int:
+        """Listen on the configured address; returns the port (useful with port 0)."""
+        port = self.grpc_server.add_insecure_port(self.settings.address)
+        if port == 0:
+            raise OSError(f"could not listen on {self.settings.address}")
+        return port
+
+    async def start(self) -> None:
+        """Start answering calls; health says NOT_SERVING until the models are ready."""
+        await self.health.set_serving(False)
+        await self.grpc_server.start()
+
+    async def load_models(self) -> None:
+        """Load and warm every model (or, in lazy mode, nothing yet), then report SERVING."""
+        if not self.settings.lazy_load:
+            await self.registry.load_all()
+        await self.health.set_serving(True)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new work, let in-flight calls finish within ``grace``."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.health.shut_down()
+        self.registry.drain()
+        await self.grpc_server.stop(self.settings.grace_period_s if grace is None else grace)
+        await self.registry.close()
+        self._preprocess_executor.shutdown(wait=False, cancel_futures=True)
+        self._device_executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def create_server(settings: Settings) -> tuple[ClipVisionServer, int]:
+    """Build a server bound to ``settings.address`` (not started) and return it with its port."""
+    server = ClipVisionServer(settings)
+    return server, server.bind()
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM or SIGINT, then drain; returns the process exit status."""
+    server, port = await create_server(settings)
+    await server.start()
+    host = settings.address.rpartition(":")[0]
+    logger.info("listening on %s:%d", host, port)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    loading = loop.create_task(server.load_models())
+    stopping = loop.create_task(stop_requested.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    status = 0
+    if not loading.done():
+        loading.cancel()  # a signal during start-up: stop loading, then drain
+        with contextlib.suppress(asyncio.CancelledError):
+            await loading
+    elif loading.exception() is not None:
+        error = loading.exception()
+        if isinstance(error, CheckpointError):
+            logger.error("cannot serve: %s", error)
+        else:
+            logger.error("cannot serve: loading failed", exc_info=error)
+        status = 1
+    else:
+        logger.info("serving %s", ", ".join(spec.name for spec in server.registry.specs))
+        await stopping
+    stopping.cancel()
+    if stop_requested.is_set():
+        logger.info("signal received; draining for up to %.1f s", settings.grace_period_s)
+    await server.stop(settings.grace_period_s if status == 0 else 0)
+    logger.info("stopped")
+    return status

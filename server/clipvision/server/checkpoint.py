@@ -1,0 +1,201 @@
+"""Load a CLIP vision tower and its projection, from a directory, the hub or random weights.
+
+Only the vision tower and the visual projection are materialised, whether the
+checkpoint is a full ``CLIPModel`` or a ``CLIPVisionModelWithProjection``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from clipvision.server.errors import CheckpointError
+from clipvision.server.preprocess import PreprocessConfig
+from clipvision.server.presets import PRESETS, Preset
+from clipvision.server.settings import ModelSpec
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers.utils import logging as transformers_logging
+
+logger = logging.getLogger(__name__)
+
+# What a checkpoint needs; other files in a hub repository (TF, Flax, .bin) are not fetched.
+CHECKPOINT_FILES = [
+    "config.json",
+    "preprocessor_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+]
+CLIP_MODEL_TYPES = {"clip", "clip_vision_model"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded, immutable vision model with the preprocessing it was trained with."""
+
+    model: CLIPVisionModelWithProjection
+    preprocess: PreprocessConfig
+    embedding_dim: int
+    image_size: int
+    device: torch.device
+    dtype: torch.dtype
+    dummy_weights: bool
+
+
+def resolve_device(requested: str) -> torch.device:
+    """Pick CUDA, then MPS, then CPU for ``auto``; an explicit device must exist."""
+    if requested != "auto":
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise CheckpointError(f"--device {requested} was asked for, but CUDA is not available")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise CheckpointError(f"--device {requested} was asked for, but MPS is not available")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    logger.warning("no CUDA or MPS device found; running on the CPU, which is much slower")
+    return torch.device("cpu")
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """float16 on CUDA and float32 elsewhere for ``auto``; otherwise the named dtype."""
+    if requested == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[requested]
+
+
+def load_checkpoint(
+    spec: ModelSpec,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    dummy_weights: bool = False,
+    cache_dir: str | None = None,
+) -> Checkpoint:
+    """Load one ``--model`` entry onto ``device`` in eval mode; CheckpointError says why not."""
+    if dummy_weights:
+        preset = PRESETS.get(spec.source)
+        if preset is None:
+            raise CheckpointError(f"--dummy-weights needs a preset, and {spec.source!r} is not one")
+        model = _random_model(preset)
+        preprocess = PreprocessConfig.openai_clip(preset.image_size)
+    else:
+        directory = _local_directory(spec.hub_or_path, cache_dir)
+        vision_config = _vision_config(directory)
+        if spec.preset is not None:
+            mismatches = spec.preset.mismatches(vision_config)
+            if mismatches:
+                raise CheckpointError(
+                    f"{spec.source} is not a {spec.preset.name} checkpoint: "
+                    + "; ".join(mismatches)
+                )
+        model = _pretrained_model(directory, vision_config)
+        preprocess = _preprocess_config(directory)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    config = model.config
+    return Checkpoint(
+        model=model,
+        preprocess=preprocess,
+        embedding_dim=int(config.projection_dim),
+        image_size=int(config.image_size),
+        device=device,
+        dtype=dtype,
+        dummy_weights=dummy_weights,
+    )
+
+
+def _random_model(preset: Preset) -> CLIPVisionModelWithProjection:
+    config = CLIPVisionConfig(projection_dim=preset.embedding_dim, **preset.vision_config)
+    # A fixed seed keeps dummy embeddings reproducible across restarts and replicas.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return CLIPVisionModelWithProjection(config)
+
+
+def _local_directory(source: str, cache_dir: str | None) -> Path:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1:
+        raise CheckpointError(f"checkpoint directory {source} does not exist")
+    try:
+        return Path(snapshot_download(source, allow_patterns=CHECKPOINT_FILES, cache_dir=cache_dir))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"could not fetch {source!r} from the Hugging Face Hub or its cache "
+            f"({exc.__class__.__name__}). "
+            "Either point --model at a local checkpoint directory (config.json, model.safetensors, "
+            "preprocessor_config.json), or run a smoke test with random weights: "
+            "--model ViT-B/32 --dummy-weights"
+        ) from exc
+
+
+def _vision_config(directory: Path) -> Any:
+    config_path = directory / "config.json"
+    try:
+        raw = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{config_path} is missing or is not valid JSON") from exc
+    model_type = raw.get("model_type")
+    if model_type not in CLIP_MODEL_TYPES:
+        raise CheckpointError(
+            f"{directory} holds a {model_type!r} model; clipvision serves CLIP checkpoints "
+            f"(model_type {' or '.join(sorted(CLIP_MODEL_TYPES))})"
+        )
+    vision = raw.get("vision_config", {}) if model_type == "clip" else raw
+    # projection_dim lives at the top of a CLIPModel config and inside a vision-only one.
+    projection_dim = raw.get("projection_dim", vision.get("projection_dim", 512))
+    fields = {k: v for k, v in vision.items() if k not in {"model_type", "projection_dim"}}
+    return CLIPVisionConfig(**fields, projection_dim=projection_dim)
+
+
+def _pretrained_model(directory: Path, config: Any) -> CLIPVisionModelWithProjection:
+    if not any(directory.glob("*.safetensors")):
+        raise CheckpointError(
+            f"{directory} has no *.safetensors weights; convert the checkpoint to safetensors "
+            "(clipvision does not unpickle .bin files)"
+        )
+    verbosity = transformers_logging.get_verbosity()
+    # A CLIPModel checkpoint also holds the text tower, which we skip on purpose; its
+    # "unexpected keys" report would only alarm operators.
+    transformers_logging.set_verbosity_error()
+    try:
+        model, info = CLIPVisionModelWithProjection.from_pretrained(
+            directory, config=config, use_safetensors=True, output_loading_info=True
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"could not load the weights in {directory}: {exc}") from exc
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    missing = [key for key in info.get("missing_keys", []) if not key.endswith("position_ids")]
+    mismatched = info.get("mismatched_keys", [])
+    if missing or mismatched:
+        shown = ", ".join(map(str, (missing + list(mismatched))[:5]))
+        raise CheckpointError(
+            f"{directory} lacks vision weights or has them in another shape ({shown}); "
+            "it must be a CLIPModel or CLIPVisionModelWithProjection checkpoint"
+        )
+    return model
+
+
+def _preprocess_config(directory: Path) -> PreprocessConfig:
+    if not (directory / "preprocessor_config.json").is_file():
+        raise CheckpointError(
+            f"{directory} has no preprocessor_config.json; clipvision preprocesses exactly as the "
+            "checkpoint says and will not guess"
+        )
+    try:
+        processor = CLIPImageProcessorPil.from_pretrained(directory)
+        return PreprocessConfig.from_image_processor(processor)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(
+            f"{directory}/preprocessor_config.json cannot be used: {exc}"
+        ) from exc

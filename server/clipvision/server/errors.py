@@ -1,0 +1,100 @@
+"""Domain errors: raised where a fault is detected, mapped to statuses in one place.
+
+Nothing here imports grpc. Each error carries the canonical status code number
+(google.rpc.Code), a stable UPPER_SNAKE_CASE reason and one actionable sentence
+for the caller; the interceptor and the in-band ItemError both read them.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+from typing import ClassVar
+
+
+class Code(IntEnum):
+    """Canonical status code numbers, as google.rpc.Code and every gRPC library define them."""
+
+    CANCELLED = 1
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    INTERNAL = 13
+    UNAVAILABLE = 14
+
+
+class Reason(StrEnum):
+    """Stable machine-readable reasons, sent as ErrorInfo.reason and ItemError.reason."""
+
+    IMAGE_MISSING = "IMAGE_MISSING"
+    IMAGE_EMPTY = "IMAGE_EMPTY"
+    IMAGE_TOO_LARGE = "IMAGE_TOO_LARGE"
+    IMAGE_TOO_MANY_PIXELS = "IMAGE_TOO_MANY_PIXELS"
+    IMAGE_FORMAT_UNSUPPORTED = "IMAGE_FORMAT_UNSUPPORTED"
+    IMAGE_DECODE_FAILED = "IMAGE_DECODE_FAILED"
+    URI_INVALID = "URI_INVALID"
+    URI_SCHEME_REFUSED = "URI_SCHEME_REFUSED"
+    TOO_MANY_IMAGES = "TOO_MANY_IMAGES"
+    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+    MODEL_LOADING = "MODEL_LOADING"
+    MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
+    SERVER_DRAINING = "SERVER_DRAINING"
+    INTERNAL = "INTERNAL"
+
+
+ERROR_DOMAIN = "clipvision.dev"
+
+
+class ClipVisionError(Exception):
+    """A fault a caller can act on; subclasses fix the status code."""
+
+    code: ClassVar[Code] = Code.INTERNAL
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.reason.value}: {self.message})"
+
+
+class InvalidImageError(ClipVisionError):
+    """The image bytes or URI cannot be turned into pixels."""
+
+    code = Code.INVALID_ARGUMENT
+
+
+class InvalidRequestError(ClipVisionError):
+    """The request as a whole breaks the contract or a server limit."""
+
+    code = Code.INVALID_ARGUMENT
+
+
+class ModelNotFoundError(ClipVisionError):
+    """The request names a model this server does not serve."""
+
+    code = Code.NOT_FOUND
+
+
+class ServiceUnavailableError(ClipVisionError):
+    """The server cannot take work now (loading, draining); retrying elsewhere or later helps."""
+
+    code = Code.UNAVAILABLE
+
+
+class UriRefusedError(ClipVisionError):
+    """The image URI points somewhere the operator has not allowed."""
+
+    code = Code.PERMISSION_DENIED
+
+
+class InternalError(ClipVisionError):
+    """A bug: the caller gets a generic message, the log gets the traceback."""
+
+    code = Code.INTERNAL
+
+
+class CheckpointError(Exception):
+    """A model cannot be loaded as configured; raised at start, before serving."""

@@ -1,0 +1,31 @@
+"""grpc.health.v1 status that tells the truth: SERVING only when requests can be served."""
+
+from __future__ import annotations
+
+from clipvision.server.interceptors import SERVICE_NAME
+from grpc_health.v1 import health, health_pb2
+
+# The empty name is the whole server, which Kubernetes' gRPC probes ask about by default.
+HEALTH_SERVICES = ("", SERVICE_NAME)
+
+
+class HealthReporter:
+    """Owns the standard health servicer and flips every service's status together."""
+
+    def __init__(self) -> None:
+        # grpc-stubs predates the asyncio health servicer.
+        self.servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+
+    async def set_serving(self, serving: bool) -> None:
+        """Report SERVING or NOT_SERVING for the server and for EmbeddingService."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in HEALTH_SERVICES:
+            await self.servicer.set(service, status)
+
+    async def shut_down(self) -> None:
+        """Report NOT_SERVING for good; later set_serving calls are ignored."""
+        await self.servicer.enter_graceful_shutdown()

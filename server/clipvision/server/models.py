@@ -1,0 +1,166 @@
+"""The served models: loaded once (at start or on first use) and looked up by name."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from clipvision.server.batcher import MicroBatcher
+from clipvision.server.checkpoint import Checkpoint, load_checkpoint, resolve_device, resolve_dtype
+from clipvision.server.encoder import ClipImageEncoder
+from clipvision.server.errors import (
+    CheckpointError,
+    ModelNotFoundError,
+    Reason,
+    ServiceUnavailableError,
+)
+from clipvision.server.settings import ModelSpec, Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A loaded model and the batcher in front of it."""
+
+    encoder: ClipImageEncoder
+    batcher: MicroBatcher
+
+
+class _Slot:
+    """One ``--model`` entry and its load state."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.model: ServedModel | None = None
+        self.loading: asyncio.Task[ServedModel] | None = None
+        self.error: CheckpointError | None = None
+
+
+class ModelRegistry:
+    """Holds every served model; each is loaded exactly once however many requests wait for it."""
+
+    def __init__(self, settings: Settings, device_executor: Executor) -> None:
+        self._settings = settings
+        self._executor = device_executor
+        self._slots = {spec.name: _Slot(spec) for spec in settings.models}
+        self._draining = False
+
+    @property
+    def specs(self) -> list[ModelSpec]:
+        """The configured models, default first."""
+        return [slot.spec for slot in self._slots.values()]
+
+    def loaded(self, name: str) -> ServedModel | None:
+        """The model called ``name`` if it is loaded, else None."""
+        return self._slots[name].model
+
+    async def load_all(self) -> None:
+        """Load and warm every model; raises CheckpointError for the first that cannot load."""
+        for slot in self._slots.values():
+            await self._load(slot)
+
+    def drain(self) -> None:
+        """Refuse new work from now on: requests get UNAVAILABLE (SERVER_DRAINING)."""
+        self._draining = True
+
+    async def get(self, name: str) -> ServedModel:
+        """Find a model by name (empty means the default), loading it first in lazy mode."""
+        if self._draining:
+            raise ServiceUnavailableError(
+                Reason.SERVER_DRAINING,
+                "The server is shutting down; retry on another replica.",
+            )
+        slot = self._slots.get(name or self._settings.default_model)
+        if slot is None:
+            raise ModelNotFoundError(
+                Reason.MODEL_NOT_FOUND,
+                f"Model {name!r} is not served here; GetModelInfo lists the served models "
+                f"({', '.join(self._slots)}).",
+            )
+        if slot.model is not None:
+            return slot.model
+        if self._settings.lazy_load:
+            try:
+                return await self._load(slot)
+            except CheckpointError as exc:
+                raise ServiceUnavailableError(
+                    Reason.MODEL_LOAD_FAILED,
+                    f"Model {slot.spec.name!r} could not be loaded; the server log says why.",
+                ) from exc
+        if slot.error is not None:
+            raise ServiceUnavailableError(
+                Reason.MODEL_LOAD_FAILED,
+                f"Model {slot.spec.name!r} could not be loaded; the server log says why.",
+            )
+        raise ServiceUnavailableError(
+            Reason.MODEL_LOADING,
+            f"Model {slot.spec.name!r} is still loading; retry in a few seconds.",
+        )
+
+    async def _load(self, slot: _Slot) -> ServedModel:
+        if slot.model is not None:
+            return slot.model
+        # Every concurrent caller awaits the same task, so the load happens once.
+        if slot.loading is None:
+            slot.loading = asyncio.get_running_loop().create_task(self._load_once(slot))
+        try:
+            return await asyncio.shield(slot.loading)
+        except CheckpointError as exc:
+            slot.error = exc
+            slot.loading = None  # a later request may try again (lazy mode)
+            raise
+
+    async def _load_once(self, slot: _Slot) -> ServedModel:
+        settings = self._settings
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        logger.info("loading model %s from %s", slot.spec.name, slot.spec.source)
+        checkpoint: Checkpoint = await loop.run_in_executor(
+            self._executor, self._load_checkpoint, slot.spec
+        )
+        encoder = ClipImageEncoder(
+            slot.spec.name, slot.spec.source, checkpoint, settings.image_limits
+        )
+        await loop.run_in_executor(self._executor, encoder.warm_up, (1, settings.max_batch_size))
+        batcher = MicroBatcher(
+            encoder,
+            self._executor,
+            max_batch_size=settings.max_batch_size,
+            max_batch_delay_s=settings.max_batch_delay_ms / 1000,
+        )
+        batcher.start()
+        slot.model = ServedModel(encoder, batcher)
+        slot.error = None
+        logger.info(
+            "model %s ready in %.1f s: %d-d, %s on %s%s",
+            slot.spec.name,
+            time.perf_counter() - started,
+            checkpoint.embedding_dim,
+            str(checkpoint.dtype).removeprefix("torch."),
+            checkpoint.device,
+            " (DUMMY RANDOM WEIGHTS: embeddings mean nothing)" if checkpoint.dummy_weights else "",
+        )
+        return slot.model
+
+    def _load_checkpoint(self, spec: ModelSpec) -> Checkpoint:
+        settings = self._settings
+        device = resolve_device(settings.device)
+        return load_checkpoint(
+            spec,
+            device=device,
+            dtype=resolve_dtype(settings.dtype, device),
+            dummy_weights=settings.dummy_weights,
+            cache_dir=settings.cache_dir,
+        )
+
+    async def close(self) -> None:
+        """Stop every batcher and any load still running."""
+        for slot in self._slots.values():
+            if slot.loading is not None and not slot.loading.done():
+                slot.loading.cancel()
+            if slot.model is not None:
+                await slot.model.batcher.stop()

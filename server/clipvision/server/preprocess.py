@@ -1,0 +1,329 @@
+"""Image decoding under operator limits, and CLIP preprocessing identical to transformers'.
+
+`decode_image` turns untrusted bytes into a loaded PIL image or an `InvalidImageError`.
+`ClipPreprocessor` turns that image into the float32 (3, H, W) array the vision tower
+takes, bit for bit what `transformers.CLIPImageProcessorPil` computes from the same image:
+the same PIL calls for RGB conversion, resizing and cropping, and a per-channel lookup
+table that holds the exact float results of its rescale and normalise for each byte value.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from clipvision.server.errors import InvalidImageError, Reason
+from PIL import Image, ImageFile, ImageOps
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# errors.py has no reason for an image below the minimum side yet; this is the pixel-limit one.
+_TOO_SMALL = Reason.IMAGE_TOO_MANY_PIXELS
+
+# PIL opens multi-picture JPEGs (MPO) with its JPEG plugin.
+_OPENED_BY = {"MPO": "JPEG"}
+
+# Modes whose premultiplied alpha PIL cannot convert to RGB(A); un-premultiplying first keeps them.
+_UNPREMULTIPLIED = {"La": "LA", "RGBa": "RGBA"}
+
+# Every mode an allowed format decodes to that PIL converts to RGB and RGBA.
+_CONVERTIBLE_MODES = frozenset(
+    {"1", "L", "P", "LA", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "F"}
+    | {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+)
+
+# A resized-but-uncropped image larger than this (64 MiB as PIL stores RGB) comes only from
+# extreme aspect ratios (over ~330:1 at 224 px); a 1x4,000,000 strip would need terabytes, so
+# such images are resized through a box around the crop instead, within a level or two of exact.
+_MAX_RESIZED_PIXELS = 1 << 24
+
+FloatArray = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Operator limits checked before and during decode."""
+
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    min_image_side: int = 1
+    allowed_formats: frozenset[str] = frozenset(
+        {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
+    )
+
+
+def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Validate and fully decode one encoded image: EXIF orientation applied, first frame only.
+
+    Raises InvalidImageError, and nothing else, for any bytes that are not an acceptable image.
+    """
+    if not data:
+        raise InvalidImageError(
+            Reason.IMAGE_EMPTY, "The image is empty; send the bytes of an encoded image file."
+        )
+    if len(data) > limits.max_image_bytes:
+        raise InvalidImageError(
+            Reason.IMAGE_TOO_LARGE,
+            f"The image is {len(data)} bytes, over this server's limit of "
+            f"{limits.max_image_bytes} bytes; send a smaller or more compressed file.",
+        )
+    image: Image.Image = _open(data, limits)
+    width, height = image.size
+    # Checked on the header's size, before a single pixel is decoded.
+    if width * height > limits.max_image_pixels:
+        raise InvalidImageError(
+            Reason.IMAGE_TOO_MANY_PIXELS,
+            f"The image is {width}x{height} = {width * height} pixels, over this server's limit "
+            f"of {limits.max_image_pixels} pixels; downscale it before sending.",
+        )
+    if min(width, height) < limits.min_image_side:
+        raise InvalidImageError(
+            _TOO_SMALL,
+            f"The image is {width}x{height} pixels, under this server's minimum of "
+            f"{limits.min_image_side} pixels per side; send a larger image.",
+        )
+    try:
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)
+        if image.mode in _UNPREMULTIPLIED:
+            image = image.convert(_UNPREMULTIPLIED[image.mode])
+    except Image.DecompressionBombError as exc:
+        raise _bomb(image.format, limits) from exc
+    except Exception as exc:  # PIL raises many types for corrupt data; none may escape.
+        raise InvalidImageError(
+            Reason.IMAGE_DECODE_FAILED,
+            f"The {image.format} image could not be decoded because it is truncated or corrupt; "
+            "send a complete, valid file.",
+        ) from exc
+    if image.mode not in _CONVERTIBLE_MODES:
+        raise InvalidImageError(
+            Reason.IMAGE_FORMAT_UNSUPPORTED,
+            f"The {image.format} image has pixel mode {image.mode}, which cannot be converted "
+            "to RGB; send an RGB, RGBA or greyscale image.",
+        )
+    return image
+
+
+def _open(data: bytes, limits: ImageLimits) -> ImageFile.ImageFile:
+    """Identify the format and parse the header with allowed plugins only.
+
+    This is `Image.open` without its own decompression-bomb check, which would warn (or raise)
+    before ours can refuse the image with a clear message.
+    """
+    Image.init()
+    allowed = limits.allowed_formats
+    prefix = data[:16]
+    stream = io.BytesIO(data)
+    wanted = {_OPENED_BY.get(name, name) for name in allowed}
+    looks_like: str | None = None
+    for name in Image.ID:
+        if name not in wanted:
+            continue
+        factory, accept = Image.OPEN[name]
+        if accept is not None and not _accepts(accept, prefix):
+            continue
+        try:
+            stream.seek(0)
+            image = factory(stream, "")
+        except Image.DecompressionBombError as exc:  # Some plugins check while parsing.
+            raise _bomb(name, limits) from exc
+        except Exception:  # Not this format after all (as in Image.open), or a corrupt header.
+            looks_like = looks_like or (name if accept is not None else None)
+            continue
+        if image.format not in allowed:
+            raise _unsupported(image.format, allowed)
+        return image
+    if looks_like is not None:
+        raise InvalidImageError(
+            Reason.IMAGE_DECODE_FAILED,
+            f"The image looks like {looks_like} but its header is corrupt; "
+            "send a complete, valid file.",
+        )
+    # Name the format if only its magic bytes match; its plugin never runs on the data.
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        if accept is not None and _accepts(accept, prefix):
+            raise _unsupported(name, allowed)
+    raise _unsupported(None, allowed)
+
+
+def _accepts(accept: Any, prefix: bytes) -> bool:
+    try:
+        result = accept(prefix)
+    except Exception:  # Some checks index past the end of a very short prefix.
+        return False
+    # A string means "this format, but its codec is not installed".
+    return bool(result) and not isinstance(result, str)
+
+
+def _bomb(image_format: str | None, limits: ImageLimits) -> InvalidImageError:
+    return InvalidImageError(
+        Reason.IMAGE_TOO_MANY_PIXELS,
+        f"The {image_format} image declares more than this server's limit of "
+        f"{limits.max_image_pixels} pixels; downscale it before sending.",
+    )
+
+
+def _unsupported(name: str | None, allowed: frozenset[str]) -> InvalidImageError:
+    accepted = ", ".join(sorted(allowed))
+    what = f"The image format {name} is not accepted" if name else "The image format is unknown"
+    return InvalidImageError(Reason.IMAGE_FORMAT_UNSUPPORTED, f"{what}; send one of {accepted}.")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything CLIP preprocessing needs, as read from a checkpoint's preprocessor_config.json."""
+
+    shortest_edge: int
+    crop_height: int
+    crop_width: int
+    resample: int
+    rescale_factor: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    do_resize: bool = True
+    do_center_crop: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+    do_convert_rgb: bool = True
+
+    @classmethod
+    def from_image_processor(cls, processor: Any) -> PreprocessConfig:
+        """Read a transformers CLIPImageProcessor(Pil); only shortest-edge resizing is accepted."""
+        size = dict(processor.size or {})
+        if set(size) != {"shortest_edge"}:
+            raise ValueError(
+                f"size must be {{'shortest_edge': N}} as in every CLIP checkpoint, got {size}"
+            )
+        crop = dict(processor.crop_size or {})
+        if "height" not in crop or "width" not in crop:
+            raise ValueError(f"crop_size must have height and width, got {crop}")
+        resample = processor.resample
+        # transformers resizes with bilinear when the config names no filter.
+        resample = Image.Resampling.BILINEAR if resample is None else resample
+        if not isinstance(resample, int):
+            raise ValueError(f"resample must be a PIL.Image.Resampling value, got {resample!r}")
+        return cls(
+            shortest_edge=int(size["shortest_edge"]),
+            crop_height=int(crop["height"]),
+            crop_width=int(crop["width"]),
+            resample=int(resample),
+            rescale_factor=float(processor.rescale_factor),
+            mean=_three(processor.image_mean, "image_mean"),
+            std=_three(processor.image_std, "image_std"),
+            do_resize=bool(processor.do_resize),
+            do_center_crop=bool(processor.do_center_crop),
+            do_rescale=bool(processor.do_rescale),
+            do_normalize=bool(processor.do_normalize),
+            do_convert_rgb=bool(processor.do_convert_rgb),
+        )
+
+    @classmethod
+    def openai_clip(cls, image_size: int = 224) -> PreprocessConfig:
+        """The OpenAI CLIP defaults at one resolution, for checkpoints made with random weights."""
+        return cls(
+            shortest_edge=image_size,
+            crop_height=image_size,
+            crop_width=image_size,
+            resample=Image.Resampling.BICUBIC,
+            rescale_factor=1 / 255,
+            mean=OPENAI_CLIP_MEAN,
+            std=OPENAI_CLIP_STD,
+        )
+
+
+def _three(value: Any, name: str) -> tuple[float, float, float]:
+    values = [float(value)] * 3 if isinstance(value, int | float) else [float(v) for v in value]
+    if len(values) != 3:
+        raise ValueError(f"{name} must have one value per RGB channel, got {value!r}")
+    return values[0], values[1], values[2]
+
+
+class ClipPreprocessor:
+    """Turns a decoded PIL image into the float32 (3, crop_h, crop_w) array the tower takes."""
+
+    def __init__(self, config: PreprocessConfig) -> None:
+        self.config = config
+        self._lut = _pixel_lut(config)
+
+    def __call__(self, image: Image.Image) -> FloatArray:
+        """Convert to RGB, resize the shortest edge, centre-crop, rescale and normalise."""
+        config = self.config
+        rgb = _to_rgb(image) if config.do_convert_rgb else _plain_rgb(image)
+        if config.do_resize:
+            rgb = self._resize_and_crop(rgb)
+        elif config.do_center_crop:
+            rgb = _center_crop(rgb, config.crop_width, config.crop_height)
+        pixels = np.asarray(rgb)
+        out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+        for channel in range(3):
+            # mode="clip" lets numpy write straight into `out` (bytes never exceed the table).
+            np.take(self._lut[channel], pixels[..., channel], out=out[channel], mode="clip")
+        return out
+
+    def _resize_and_crop(self, image: Image.Image) -> Image.Image:
+        config = self.config
+        width, height = image.size
+        new_width, new_height = _resized_size(width, height, config.shortest_edge)
+        crop_w, crop_h = config.crop_width, config.crop_height
+        if not config.do_center_crop or new_width * new_height <= _MAX_RESIZED_PIXELS:
+            if (new_width, new_height) != image.size:
+                image = image.resize((new_width, new_height), config.resample)
+            return _center_crop(image, crop_w, crop_h) if config.do_center_crop else image
+        # Resize only the part of the image that survives the crop.
+        left, top = (new_width - crop_w) // 2, (new_height - crop_h) // 2
+        x0, y0 = max(left, 0), max(top, 0)
+        x1, y1 = min(left + crop_w, new_width), min(top + crop_h, new_height)
+        sx, sy = width / new_width, height / new_height
+        box = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+        part = image.resize((x1 - x0, y1 - y0), config.resample, box=box)
+        return part.crop((left - x0, top - y0, left - x0 + crop_w, top - y0 + crop_h))
+
+
+def _resized_size(width: int, height: int, shortest_edge: int) -> tuple[int, int]:
+    """transformers' get_resize_output_image_size, with its float arithmetic and truncation."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(shortest_edge * long / short)
+    return (shortest_edge, new_long) if width <= height else (new_long, shortest_edge)
+
+
+def _center_crop(image: Image.Image, width: int, height: int) -> Image.Image:
+    """transformers' center_crop: PIL fills outside the image with zeros, as its padding does."""
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    if (left, top, width, height) == (0, 0, image.width, image.height):
+        return image
+    return image.crop((left, top, left + width, top + height))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """transformers' convert_to_rgb: any transparency is composited onto white."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return _plain_rgb(image)
+
+
+def _plain_rgb(image: Image.Image) -> Image.Image:
+    # The tower takes three channels even when a config says do_convert_rgb=false.
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _pixel_lut(config: PreprocessConfig) -> FloatArray:
+    """The (3, 256) float32 result of rescale + normalise for every byte value, per channel.
+
+    The arithmetic is transformers': multiply in float64 and cast to float32, then subtract
+    and divide in float32, so a table lookup gives exactly the values it computes per pixel.
+    """
+    values = np.arange(256, dtype=np.float64)
+    if config.do_rescale:
+        values = values * config.rescale_factor
+    table = np.broadcast_to(values.astype(np.float32), (3, 256))
+    if config.do_normalize:
+        mean = np.array(config.mean, dtype=np.float32)[:, None]
+        std = np.array(config.std, dtype=np.float32)[:, None]
+        table = (table - mean) / std
+    return np.ascontiguousarray(table, dtype=np.float32)

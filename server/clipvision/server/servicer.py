@@ -1,0 +1,206 @@
+"""The EmbeddingService handlers: validate, call the domain, convert to messages."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor
+
+import grpc
+from clipvision.server.encoder import ClipImageEncoder, FloatArray, l2_normalize
+from clipvision.server.errors import ClipVisionError, InternalError, InvalidRequestError, Reason
+from clipvision.server.image_sources import image_bytes
+from clipvision.server.models import ModelRegistry, ServedModel
+from clipvision.server.preprocess import PreprocessConfig
+from clipvision.server.settings import Settings
+from clipvision.v1 import embedding_service_pb2 as pb
+from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+INTERNAL_ITEM_ERROR = InternalError(
+    Reason.INTERNAL, "The server failed on this image because of a bug; it has been logged."
+)
+
+
+class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
+    """Implements clipvision.v1.EmbeddingService on top of the model registry."""
+
+    def __init__(
+        self, settings: Settings, registry: ModelRegistry, preprocess_executor: Executor
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._preprocess_executor = preprocess_executor
+
+    async def EmbedImage(
+        self, request: pb.EmbedImageRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.EmbedImageResponse:
+        """Embed one image; any fault fails the call."""
+        model = await self._registry.get(request.model)
+        normalize = _normalize(request)
+        vector = await self._embed(model, request.image, normalize)
+        return pb.EmbedImageResponse(embedding=_embedding(model, vector, normalize))
+
+    async def EmbedImages(
+        self, request: pb.EmbedImagesRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.EmbedImagesResponse:
+        """Embed a batch; per-image faults are reported in-band, in order."""
+        limit = self._settings.max_batch_images
+        if len(request.images) > limit:
+            raise InvalidRequestError(
+                Reason.TOO_MANY_IMAGES,
+                f"The request has {len(request.images)} images and the limit is {limit}; split "
+                "it or use EmbedImageStream.",
+            )
+        model = await self._registry.get(request.model)
+        normalize = _normalize(request)
+        results = await asyncio.gather(
+            *(self._embed_result(model, image, normalize) for image in request.images)
+        )
+        return pb.EmbedImagesResponse(results=results)
+
+    async def EmbedImageStream(
+        self,
+        request_iterator: AsyncIterator[pb.EmbedImageStreamRequest],
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> AsyncIterator[pb.EmbedImageStreamResponse]:
+        """One response per request, in request order; the window bounds what is in flight."""
+        loop = asyncio.get_running_loop()
+        # Full queue = the reader waits = the server stops reading = HTTP/2 flow control
+        # pushes back on the client. That is the stream's backpressure.
+        pending: asyncio.Queue[asyncio.Task[pb.EmbedImageStreamResponse] | None] = asyncio.Queue(
+            maxsize=self._settings.stream_window
+        )
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await pending.put(loop.create_task(self._stream_item(request)))
+            finally:
+                await pending.put(None)
+
+        reader = loop.create_task(read(), name="stream-reader")
+        try:
+            while (task := await pending.get()) is not None:
+                yield await task
+            await reader  # re-raises a read failure
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                leftover = pending.get_nowait()
+                if leftover is not None:
+                    leftover.cancel()
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.GetModelInfoResponse:
+        """Describe the served models and the server's limits."""
+        settings = self._settings
+        models = []
+        for index, spec in enumerate(self._registry.specs):
+            info = pb.ModelInfo(name=spec.name, source=spec.source, is_default=index == 0)
+            info.dummy_weights = settings.dummy_weights
+            served = self._registry.loaded(spec.name)
+            if served is not None:
+                _describe(info, served.encoder)
+            models.append(info)
+        limits = settings.image_limits
+        return pb.GetModelInfoResponse(
+            models=models,
+            limits=pb.Limits(
+                max_batch_images=settings.max_batch_images,
+                max_receive_message_bytes=settings.max_message_bytes,
+                max_image_bytes=limits.max_image_bytes,
+                max_image_pixels=limits.max_image_pixels,
+            ),
+        )
+
+    async def _embed(self, model: ServedModel, image: pb.Image, normalize: bool) -> FloatArray:
+        loop = asyncio.get_running_loop()
+        pixels = await loop.run_in_executor(
+            self._preprocess_executor, _prepare, model.encoder, image
+        )
+        raw = await model.batcher.submit(pixels)
+        return l2_normalize(raw) if normalize else raw
+
+    async def _embed_result(
+        self, model: ServedModel, image: pb.Image, normalize: bool
+    ) -> pb.EmbedImagesResult:
+        try:
+            vector = await self._embed(model, image, normalize)
+        except Exception as exc:
+            return pb.EmbedImagesResult(error=_item_error(exc))
+        return pb.EmbedImagesResult(embedding=_embedding(model, vector, normalize))
+
+    async def _stream_item(
+        self, request: pb.EmbedImageStreamRequest
+    ) -> pb.EmbedImageStreamResponse:
+        try:
+            model = await self._registry.get(request.model)
+            normalize = _normalize(request)
+            vector = await self._embed(model, request.image, normalize)
+        except Exception as exc:
+            return pb.EmbedImageStreamResponse(id=request.id, error=_item_error(exc))
+        return pb.EmbedImageStreamResponse(
+            id=request.id, embedding=_embedding(model, vector, normalize)
+        )
+
+
+def _prepare(encoder: ClipImageEncoder, image: pb.Image) -> FloatArray:
+    """Resolve, decode and preprocess one image (runs in the preprocessing pool)."""
+    return encoder.preprocess(image_bytes(image, encoder.limits))
+
+
+def _normalize(
+    request: pb.EmbedImageRequest | pb.EmbedImagesRequest | pb.EmbedImageStreamRequest,
+) -> bool:
+    return request.normalize if request.HasField("normalize") else True
+
+
+def _embedding(model: ServedModel, vector: FloatArray, normalized: bool) -> pb.Embedding:
+    return pb.Embedding(values=vector.tolist(), model=model.encoder.name, normalized=normalized)
+
+
+def _item_error(exc: Exception) -> pb.ItemError:
+    """The in-band form of a per-image fault; bugs are logged and reported without detail."""
+    if not isinstance(exc, ClipVisionError):
+        logger.error("unexpected failure on one image", exc_info=exc)
+        exc = INTERNAL_ITEM_ERROR
+    return pb.ItemError(code=int(exc.code), reason=exc.reason.value, message=exc.message)
+
+
+def _describe(info: pb.ModelInfo, encoder: ClipImageEncoder) -> None:
+    checkpoint = encoder.checkpoint
+    info.embedding_dimension = checkpoint.embedding_dim
+    info.image_size = checkpoint.image_size
+    info.dtype = str(checkpoint.dtype).removeprefix("torch.")
+    info.device = str(checkpoint.device)
+    info.dummy_weights = checkpoint.dummy_weights
+    info.loaded = True
+    info.preprocessing.CopyFrom(_preprocessing(checkpoint.preprocess))
+
+
+def _preprocessing(config: PreprocessConfig) -> pb.Preprocessing:
+    return pb.Preprocessing(
+        exif_transpose=True,
+        resize_shortest_edge=config.shortest_edge,
+        interpolation=_INTERPOLATIONS.get(config.resample, pb.INTERPOLATION_UNSPECIFIED),
+        crop_height=config.crop_height,
+        crop_width=config.crop_width,
+        rescale_factor=config.rescale_factor,
+        mean=list(config.mean),
+        std=list(config.std),
+    )
+
+
+# PIL.Image.Resampling values, as preprocessor_config.json stores them.
+_INTERPOLATIONS: dict[int, pb.Interpolation.ValueType] = {
+    0: pb.INTERPOLATION_NEAREST,
+    1: pb.INTERPOLATION_LANCZOS,
+    2: pb.INTERPOLATION_BILINEAR,
+    3: pb.INTERPOLATION_BICUBIC,
+    4: pb.INTERPOLATION_BOX,
+    5: pb.INTERPOLATION_HAMMING,
+}

@@ -1,0 +1,247 @@
+"""One frozen settings object, filled from flags and ``CLIPVISION_*`` environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clipvision.server.preprocess import ImageLimits
+from clipvision.server.presets import PRESETS, Preset
+
+DEFAULT_MODEL = "ViT-B/32"
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One ``--model`` entry: the name callers use and where the weights come from."""
+
+    name: str
+    source: str
+    preset: Preset | None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSpec:
+        """Parse ``SOURCE`` or ``NAME=SOURCE``; a preset name as NAME pins the architecture."""
+        name, sep, source = text.partition("=")
+        if not sep:
+            name, source = "", text
+        name, source = name.strip(), source.strip()
+        if not source:
+            raise ValueError(
+                f"--model {text!r} names no checkpoint; give a directory, hub id or preset"
+            )
+        preset = PRESETS.get(name) or PRESETS.get(source)
+        if not name:
+            name = source if source in PRESETS or not Path(source).is_dir() else Path(source).name
+        return cls(name=name, source=source, preset=preset)
+
+    @property
+    def hub_or_path(self) -> str:
+        """The directory or hub id to load: a preset source stands for its published weights."""
+        preset = PRESETS.get(self.source)
+        return preset.hub_id if preset else self.source
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server is configured with; built once at start and passed in."""
+
+    models: tuple[ModelSpec, ...] = (ModelSpec.parse(DEFAULT_MODEL),)
+    address: str = "127.0.0.1:50051"
+    device: str = "auto"
+    dtype: str = "auto"
+    dummy_weights: bool = False
+    lazy_load: bool = False
+    cache_dir: str | None = None
+    max_batch_size: int = 32
+    max_batch_delay_ms: float = 0.0
+    max_batch_images: int = 64
+    stream_window: int = 64
+    max_message_bytes: int = 64 * MIB
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+    preprocess_workers: int = max(1, os.cpu_count() or 1)
+    grace_period_s: float = 10.0
+    log_level: str = "INFO"
+
+    @property
+    def default_model(self) -> str:
+        """The model that requests with an empty model name use."""
+        return self.models[0].name
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    return environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The command line of ``clipvision-server``; every default can come from the environment."""
+    env = os.environ if environ is None else environ
+    defaults = Settings()
+    parser = argparse.ArgumentParser(
+        prog="clipvision-server",
+        description="Serve CLIP image embeddings over gRPC (clipvision.v1.EmbeddingService).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    def option(flag: str, default: object, help_text: str, **kwargs: object) -> None:
+        var = "CLIPVISION_" + flag.lstrip("-").upper().replace("-", "_")
+        value = env.get(var, default)
+        parser.add_argument(flag, default=value, help=f"{help_text} [env {var}]", **kwargs)  # type: ignore[arg-type]
+
+    parser.add_argument(
+        "--model",
+        action="append",
+        metavar="[NAME=]SOURCE",
+        help=(
+            "a checkpoint to serve: a local directory, a Hugging Face hub id or a preset "
+            f"({', '.join(PRESETS)}); repeat to serve several, the first is the default. "
+            "NAME is what requests use; a preset as NAME checks the checkpoint has that "
+            f"architecture [env CLIPVISION_MODEL, comma-separated] (default: {DEFAULT_MODEL}, "
+            f"which downloads {PRESETS[DEFAULT_MODEL].hub_id})"
+        ),
+    )
+    option("--address", defaults.address, "HOST:PORT to listen on; port 0 picks a free one")
+    option("--device", defaults.device, "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    option(
+        "--dtype",
+        defaults.dtype,
+        "auto (float16 on CUDA, float32 elsewhere), float32, float16 or bfloat16",
+        choices=["auto", "float32", "float16", "bfloat16"],
+    )
+    parser.add_argument(
+        "--dummy-weights",
+        action="store_true",
+        default=_flag(env, "CLIPVISION_DUMMY_WEIGHTS"),
+        help="serve random weights of a preset's architecture (smoke tests and benchmarks only; "
+        "the embeddings mean nothing) [env CLIPVISION_DUMMY_WEIGHTS=1]",
+    )
+    parser.add_argument(
+        "--lazy",
+        action="store_true",
+        default=_flag(env, "CLIPVISION_LAZY"),
+        help="load each model on its first request instead of at start; health reports SERVING "
+        "from the start [env CLIPVISION_LAZY=1]",
+    )
+    option("--cache-dir", defaults.cache_dir, "Hugging Face cache directory (default: HF_HOME's)")
+    option(
+        "--max-batch-size",
+        defaults.max_batch_size,
+        "most images per forward pass",
+        type=_positive_int,
+    )
+    option(
+        "--max-batch-delay-ms",
+        defaults.max_batch_delay_ms,
+        "how long a forming batch may wait for more images",
+        type=_non_negative_float,
+    )
+    option(
+        "--max-batch-images",
+        defaults.max_batch_images,
+        "most images in one EmbedImages request",
+        type=_positive_int,
+    )
+    option(
+        "--stream-window",
+        defaults.stream_window,
+        "images one EmbedImageStream may have in flight before the server stops reading",
+        type=_positive_int,
+    )
+    option(
+        "--max-message-bytes",
+        defaults.max_message_bytes,
+        "largest gRPC message received or sent",
+        type=_positive_int,
+    )
+    limits = defaults.image_limits
+    option("--max-image-bytes", limits.max_image_bytes, "largest encoded image", type=_positive_int)
+    option(
+        "--max-image-pixels",
+        limits.max_image_pixels,
+        "largest decoded image in pixels, checked before decoding",
+        type=_positive_int,
+    )
+    option(
+        "--preprocess-workers",
+        defaults.preprocess_workers,
+        "threads that decode and preprocess images",
+        type=_positive_int,
+    )
+    option(
+        "--grace-period",
+        defaults.grace_period_s,
+        "seconds in-flight calls get to finish on SIGTERM",
+        type=_non_negative_float,
+    )
+    option(
+        "--log-level",
+        defaults.log_level,
+        "logging level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    )
+    return parser
+
+
+def parse_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build the settings from command-line arguments and the environment (flags win)."""
+    env = os.environ if environ is None else environ
+    parser = build_parser(env)
+    args = parser.parse_args(argv)
+    texts: list[str] = args.model or [
+        part for part in env.get("CLIPVISION_MODEL", DEFAULT_MODEL).split(",") if part.strip()
+    ]
+    try:
+        models = tuple(ModelSpec.parse(text) for text in texts)
+    except ValueError as exc:
+        parser.error(str(exc))
+    names = [spec.name for spec in models]
+    if len(set(names)) != len(names):
+        parser.error(f"--model names must be unique, got {names}")
+    if args.dummy_weights:
+        not_presets = [spec.source for spec in models if spec.source not in PRESETS]
+        if not_presets:
+            parser.error(
+                f"--dummy-weights builds a preset's architecture ({', '.join(PRESETS)}); "
+                f"{', '.join(not_presets)} is not one"
+            )
+    return Settings(
+        models=models,
+        address=args.address,
+        device=args.device,
+        dtype=args.dtype,
+        dummy_weights=args.dummy_weights,
+        lazy_load=args.lazy,
+        cache_dir=args.cache_dir,
+        max_batch_size=args.max_batch_size,
+        max_batch_delay_ms=args.max_batch_delay_ms,
+        max_batch_images=args.max_batch_images,
+        stream_window=args.stream_window,
+        max_message_bytes=args.max_message_bytes,
+        image_limits=ImageLimits(
+            max_image_bytes=args.max_image_bytes,
+            max_image_pixels=args.max_image_pixels,
+        ),
+        preprocess_workers=args.preprocess_workers,
+        grace_period_s=args.grace_period,
+        log_level=args.log_level,
+    )

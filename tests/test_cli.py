@@ -1,0 +1,147 @@
+"""The clipvision-server process: start, serve, drain on SIGTERM, refuse bad start-ups."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+from clipvision.v1 import embedding_service_pb2 as pb
+from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
+
+from tests.conftest import photo_bytes
+
+START_TIMEOUT = 90.0
+
+
+def server_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "clipvision.server.cli", "--address", "127.0.0.1:0", *args]
+
+
+class ServerProcess:
+    """A clipvision-server child process and what it has logged so far."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.log: list[str] = []
+        self.port = 0
+
+    async def wait_for(self, pattern: str) -> re.Match[str]:
+        assert self.process.stderr is not None
+        async with asyncio.timeout(START_TIMEOUT):
+            while True:
+                line = (await self.process.stderr.readline()).decode()
+                if not line:
+                    raise AssertionError("server exited early:\n" + "".join(self.log))
+                self.log.append(line)
+                match = re.search(pattern, line)
+                if match:
+                    return match
+
+    async def finish(self) -> tuple[int, str]:
+        assert self.process.stderr is not None
+        async with asyncio.timeout(START_TIMEOUT):
+            rest = await self.process.stderr.read()
+            code = await self.process.wait()
+        return code, "".join(self.log) + rest.decode()
+
+
+@asynccontextmanager
+async def server_process(
+    *args: str, env: dict[str, str] | None = None
+) -> AsyncIterator[ServerProcess]:
+    process = await asyncio.create_subprocess_exec(
+        *server_command(*args),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    server = ServerProcess(process)
+    try:
+        yield server
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_sigterm_drains_in_flight_calls_and_exits_zero(clip_dir: Path) -> None:
+    async with server_process(
+        "--model", f"tiny={clip_dir}", "--device", "cpu", "--max-batch-delay-ms", "500"
+    ) as server:
+        port = int((await server.wait_for(r"listening on 127\.0\.0\.1:(\d+)")).group(1))
+        await server.wait_for(r"serving tiny")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.EmbeddingServiceStub(channel)
+            request = pb.EmbedImageRequest(image=pb.Image(content=photo_bytes("rocket.jpg")))
+            in_flight = asyncio.ensure_future(stub.EmbedImage(request, timeout=30))
+            await asyncio.sleep(0.2)
+            server.process.send_signal(signal.SIGTERM)
+            response = await in_flight
+            assert len(response.embedding.values) == 16
+        code, log = await server.finish()
+    assert code == 0, log
+    assert "draining" in log
+    assert "stopped" in log
+
+
+async def test_missing_checkpoint_stops_the_server_with_a_clear_message(tmp_path: Path) -> None:
+    async with server_process("--model", str(tmp_path / "absent")) as server:
+        code, log = await server.finish()
+    assert code == 1
+    assert "does not exist" in log
+    assert "Traceback" not in log
+
+
+async def test_unreachable_hub_names_the_two_ways_on(tmp_path: Path) -> None:
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    async with server_process(env=env) as server:
+        code, log = await server.finish()
+    assert code == 1
+    assert "local checkpoint directory" in log
+    assert "--dummy-weights" in log
+
+
+@pytest.mark.parametrize("argv", [["--help"]])
+async def test_help_exits_zero(argv: list[str]) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "clipvision.server.cli",
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, _ = await process.communicate()
+    assert process.returncode == 0
+    assert b"--dummy-weights" in out
+    assert b"CLIPVISION_MODEL" in out
+
+
+async def test_dummy_vit_b32_smoke_run_embeds_a_jpeg() -> None:
+    async with server_process(
+        "--model", "ViT-B/32", "--dummy-weights", "--max-batch-size", "2"
+    ) as server:
+        port = int((await server.wait_for(r"listening on 127\.0\.0\.1:(\d+)")).group(1))
+        await server.wait_for(r"serving ViT-B/32")
+        assert any("DUMMY RANDOM WEIGHTS" in line for line in server.log)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.EmbeddingServiceStub(channel)
+            info = await stub.GetModelInfo(pb.GetModelInfoRequest())
+            assert info.models[0].dummy_weights
+            assert info.models[0].embedding_dimension == 512
+            response = await stub.EmbedImage(
+                pb.EmbedImageRequest(image=pb.Image(content=photo_bytes("rocket.jpg")))
+            )
+            assert len(response.embedding.values) == 512
+        server.process.send_signal(signal.SIGINT)
+        code, log = await server.finish()
+    assert code == 0, log
