@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+from PIL import Image
+
 from clipvision.server.app import ClipVisionServer, create_server
 from clipvision.server.settings import ModelSpec, Settings
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
-from PIL import Image
-
 from tests.checkpoints import build_clip_model, build_vision_model
 
 if TYPE_CHECKING:

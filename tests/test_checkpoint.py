@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from clipvision.server.checkpoint import load_checkpoint, resolve_device, resolve_dtype
 from clipvision.server.errors import CheckpointError
 from clipvision.server.settings import ModelSpec
-from safetensors.torch import load_file, save_file
 
 CPU = torch.device("cpu")
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
-
 from tests.conftest import photo_bytes
 
 START_TIMEOUT = 90.0

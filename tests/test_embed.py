@@ -11,10 +11,10 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from clipvision.v1 import embedding_service_pb2 as pb
 from PIL import Image
 from transformers import CLIPImageProcessorPil, CLIPModel, CLIPVisionModelWithProjection
 
+from clipvision.v1 import embedding_service_pb2 as pb
 from tests.conftest import encode, photo_bytes
 
 if TYPE_CHECKING:

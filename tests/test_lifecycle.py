@@ -10,16 +10,16 @@ from collections.abc import Callable
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
+
 from clipvision.server import checkpoint as checkpoint_module
 from clipvision.server import models
 from clipvision.server.checkpoint import Checkpoint
 from clipvision.server.settings import Settings
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from PIL import Image
-
 from tests.conftest import photo_bytes, running_server, settings_with
 
 SERVICE = "clipvision.v1.EmbeddingService"

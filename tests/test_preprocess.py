@@ -19,6 +19,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import torch
+from PIL import ExifTags, Image
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
+
 from clipvision.server.errors import InvalidImageError, Reason
 from clipvision.server.preprocess import (
     ClipPreprocessor,
@@ -26,8 +29,6 @@ from clipvision.server.preprocess import (
     PreprocessConfig,
     decode_image,
 )
-from PIL import ExifTags, Image
-from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 DATA = Path(__file__).parent / "data"
 PHOTOS = sorted(path.name for path in DATA.iterdir() if path.suffix in {".png", ".jpg"})
@@ -430,7 +431,7 @@ def test_pixel_limit_is_inclusive() -> None:
 def test_images_below_the_minimum_side_are_refused() -> None:
     limits = ImageLimits(min_image_side=8)
     error = reason_of(encode(astronaut((7, 500)), "PNG"), limits)
-    assert error.reason is Reason.IMAGE_TOO_MANY_PIXELS
+    assert error.reason is Reason.IMAGE_TOO_SMALL
     assert "7x500" in error.message
     assert "minimum of 8 pixels" in error.message
     assert decode_image(encode(astronaut((8, 500)), "PNG"), limits).size == (8, 500)

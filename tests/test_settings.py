@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from clipvision.server.settings import ModelSpec, build_parser, parse_settings
 
 

@@ -142,8 +142,9 @@ class ItemError(_message.Message):
     reason: _builtins.str
     """A stable UPPER_SNAKE_CASE reason, for example IMAGE_DECODE_FAILED,
     IMAGE_FORMAT_UNSUPPORTED, IMAGE_TOO_LARGE, IMAGE_TOO_MANY_PIXELS,
-    IMAGE_MISSING, URI_INVALID, URI_SCHEME_REFUSED, MODEL_NOT_FOUND,
-    MODEL_LOADING or SERVER_DRAINING.
+    IMAGE_TOO_SMALL, IMAGE_EMPTY, IMAGE_MISSING, URI_INVALID,
+    URI_SCHEME_REFUSED, TOO_MANY_IMAGES, MODEL_NOT_FOUND, MODEL_LOADING,
+    MODEL_LOAD_FAILED, SERVER_DRAINING or INTERNAL.
     """
     message: _builtins.str
     """One human-readable sentence that says what was wrong and what to do."""

@@ -12,6 +12,9 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
 from clipvision.server.errors import CheckpointError
 from clipvision.server.health import HealthReporter
 from clipvision.server.interceptors import SERVICE_NAME, ErrorMappingInterceptor
@@ -19,8 +22,6 @@ from clipvision.server.models import ModelRegistry
 from clipvision.server.servicer import EmbeddingServicer
 from clipvision.server.settings import Settings
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 logger = logging.getLogger(__name__)
 

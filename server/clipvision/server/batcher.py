@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
 from clipvision.server.encoder import ClipImageEncoder, FloatArray
 from clipvision.server.errors import InternalError, Reason
 

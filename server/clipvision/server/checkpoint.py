@@ -13,14 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from clipvision.server.errors import CheckpointError
-from clipvision.server.preprocess import PreprocessConfig
-from clipvision.server.presets import PRESETS, Preset
-from clipvision.server.settings import ModelSpec
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
 from transformers.utils import logging as transformers_logging
+
+from clipvision.server.errors import CheckpointError
+from clipvision.server.preprocess import PreprocessConfig
+from clipvision.server.presets import PRESETS, Preset
+from clipvision.server.settings import ModelSpec
 
 logger = logging.getLogger(__name__)
 

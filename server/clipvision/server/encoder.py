@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 import torch
+
 from clipvision.server.checkpoint import Checkpoint
 from clipvision.server.preprocess import ClipPreprocessor, ImageLimits, decode_image
 

@@ -7,11 +7,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from clipvision.server.errors import ERROR_DOMAIN, ClipVisionError, InternalError, Reason
-from clipvision.v1 import embedding_service_pb2 as pb
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from clipvision.server.errors import ERROR_DOMAIN, ClipVisionError, InternalError, Reason
+from clipvision.v1 import embedding_service_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 

@@ -15,14 +15,12 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from clipvision.server.errors import InvalidImageError, Reason
 from PIL import Image, ImageFile, ImageOps
+
+from clipvision.server.errors import InvalidImageError, Reason
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-# errors.py has no reason for an image below the minimum side yet; this is the pixel-limit one.
-_TOO_SMALL = Reason.IMAGE_TOO_MANY_PIXELS
 
 # PIL opens multi-picture JPEGs (MPO) with its JPEG plugin.
 _OPENED_BY = {"MPO": "JPEG"}
@@ -82,7 +80,7 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
         )
     if min(width, height) < limits.min_image_side:
         raise InvalidImageError(
-            _TOO_SMALL,
+            Reason.IMAGE_TOO_SMALL,
             f"The image is {width}x{height} pixels, under this server's minimum of "
             f"{limits.min_image_side} pixels per side; send a larger image.",
         )
@@ -229,7 +227,7 @@ class PreprocessConfig:
             shortest_edge=image_size,
             crop_height=image_size,
             crop_width=image_size,
-            resample=Image.Resampling.BICUBIC,
+            resample=int(Image.Resampling.BICUBIC),
             rescale_factor=1 / 255,
             mean=OPENAI_CLIP_MEAN,
             std=OPENAI_CLIP_STD,

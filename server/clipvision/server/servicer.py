@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 
 import grpc
+
 from clipvision.server.encoder import ClipImageEncoder, FloatArray, l2_normalize
 from clipvision.server.errors import ClipVisionError, InternalError, InvalidRequestError, Reason
 from clipvision.server.image_sources import image_bytes
