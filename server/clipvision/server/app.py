@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from clipvision.server.errors import CheckpointError
 from clipvision.server.health import HealthReporter
 from clipvision.server.interceptors import SERVICE_NAME, ErrorMappingInterceptor
+from clipvision.server.metrics import ServerMetrics
 from clipvision.server.models import ModelRegistry
 from clipvision.server.servicer import EmbeddingServicer
 from clipvision.server.settings import Settings
@@ -37,7 +38,8 @@ class ClipVisionServer:
         self._preprocess_executor = ThreadPoolExecutor(
             settings.preprocess_workers, thread_name_prefix="clipvision-preprocess"
         )
-        self.registry = ModelRegistry(settings, self._device_executor)
+        self.metrics = ServerMetrics()
+        self.registry = ModelRegistry(settings, self._device_executor, observer=self.metrics)
         self.health = HealthReporter()
         self.grpc_server = grpc.aio.server(
             interceptors=[ErrorMappingInterceptor()],
@@ -58,6 +60,7 @@ class ClipVisionServer:
             self.grpc_server,
         )
         self._stopped = False
+        self.metrics_port: int | None = None
 
     def bind(self) -> int:
         """Listen on the configured address; returns the port (useful with port 0)."""
@@ -70,6 +73,10 @@ class ClipVisionServer:
         """Start answering calls; health says NOT_SERVING until the models are ready."""
         await self.health.set_serving(False)
         await self.grpc_server.start()
+        if self.settings.metrics_address is not None:
+            self.metrics_port = self.metrics.serve(self.settings.metrics_address)
+            host = self.settings.metrics_address.rpartition(":")[0]
+            logger.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
 
     async def load_models(self) -> None:
         """Load and warm every model (or, in lazy mode, nothing yet), then report SERVING."""
@@ -86,6 +93,7 @@ class ClipVisionServer:
         self.registry.drain()
         await self.grpc_server.stop(self.settings.grace_period_s if grace is None else grace)
         await self.registry.close()
+        self.metrics.close()
         self._preprocess_executor.shutdown(wait=False, cancel_futures=True)
         self._device_executor.shutdown(wait=False, cancel_futures=True)
 

@@ -1,35 +1,101 @@
-"""Continuous batching: whatever is queued when the device frees up forms the next batch."""
+"""Continuous batching: whatever is queued when the device frees up forms the next batch.
+
+There is no timer by default: while the device works on one batch, new images
+queue up (their preprocessing overlapping the forward pass), and they all go
+together as soon as it is free. Admission is bounded: unary callers are refused
+at once when the model's capacity is taken, streams wait for room.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from clipvision.server.encoder import ClipImageEncoder, FloatArray
-from clipvision.server.errors import InternalError, Reason
+from clipvision.server.errors import InternalError, OverloadedError, Reason
+from clipvision.server.preprocess import UInt8Array
 
 logger = logging.getLogger(__name__)
 
 
+class BatchObserver(Protocol):
+    """Receives what the batcher does, for metrics."""
+
+    def on_batch(self, model: str, size: int, seconds: float) -> None:
+        """A batch of ``size`` images took ``seconds`` on the device (forward and copy)."""
+
+    def on_queue_depth(self, model: str, depth: int) -> None:
+        """The number of images admitted and not yet answered changed."""
+
+
+class Capacity:
+    """A counting limit on admitted images: take at once or fail, or wait in FIFO order."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    def try_take(self, count: int) -> bool:
+        """Take ``count`` slots if they are free now (and nobody waits before us)."""
+        if self._waiters or self.used + count > self.limit:
+            return False
+        self.used += count
+        return True
+
+    async def take(self, count: int) -> None:
+        """Wait until ``count`` slots are free, then take them."""
+        if self.try_take(count):
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (count, waiter)
+        self._waiters.append(entry)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.give(count)  # granted just as we were cancelled
+            else:
+                self._waiters.remove(entry)
+                self._wake()
+            raise
+
+    def give(self, count: int) -> None:
+        """Return ``count`` slots and wake the waiters they satisfy."""
+        self.used -= count
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.used + self._waiters[0][0] <= self.limit:
+            count, waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.used += count
+                waiter.set_result(None)
+
+
 @dataclass
 class _Item:
-    pixels: FloatArray
+    pixels: UInt8Array
     future: asyncio.Future[FloatArray] = field(repr=False)
 
 
 class MicroBatcher:
     """Queues preprocessed images of one model and runs them through the device in batches.
 
-    One future per image; images whose caller has gone (a cancelled future) leave
-    before compute; a batch that fails is retried image by image so that only the
-    guilty image fails.
+    One future per image; images whose caller has gone (a cancelled future, which
+    is what a passed deadline or a client cancellation leaves) are dropped before
+    compute; a batch that fails is retried image by image so that only the guilty
+    image fails; the number of outputs is checked against the number of inputs.
     """
 
     def __init__(
@@ -39,15 +105,20 @@ class MicroBatcher:
         *,
         max_batch_size: int,
         max_batch_delay_s: float = 0.0,
-        on_batch: Callable[[int], None] | None = None,
+        max_queue_size: int = 256,
+        observer: BatchObserver | None = None,
     ) -> None:
         self._encoder = encoder
         self._executor = device_executor
         self._max_batch_size = max_batch_size
         self._max_batch_delay_s = max_batch_delay_s
-        self._on_batch = on_batch
+        self._observer = observer
+        self.capacity = Capacity(max_queue_size)
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
+        self._in_compute: list[_Item] = []
+        # Seconds per image on the device, smoothed: sizes the RetryInfo delay.
+        self._seconds_per_image = 0.05
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
@@ -57,33 +128,76 @@ class MicroBatcher:
             )
 
     async def stop(self) -> None:
-        """Stop the loop; images still queued are cancelled."""
+        """Stop the loop; images queued or in compute are cancelled."""
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
             self._worker = None
+        for item in self._in_compute:
+            item.future.cancel()
         while not self._queue.empty():
             self._queue.get_nowait().future.cancel()
 
-    async def submit(self, pixels: FloatArray) -> FloatArray:
+    @contextlib.contextmanager
+    def admit_now(self, count: int) -> Iterator[None]:
+        """Admit ``count`` images or raise OverloadedError at once (unary calls)."""
+        if not self.capacity.try_take(count):
+            retry_after = max(0.05, self.capacity.used * self._seconds_per_image)
+            raise OverloadedError(
+                Reason.QUEUE_FULL,
+                f"Model {self._encoder.name!r} has {self.capacity.used} images in flight, its "
+                f"limit is {self.capacity.limit}; retry after {retry_after:.2f} s or on "
+                "another replica.",
+                retry_after_s=retry_after,
+            )
+        self._report_depth()
+        try:
+            yield
+        finally:
+            self.capacity.give(count)
+            self._report_depth()
+
+    async def reserve(self) -> None:
+        """Admit one image, waiting for room (streams: this is their backpressure).
+
+        Every reservation must be matched by one ``release``.
+        """
+        await self.capacity.take(1)
+        self._report_depth()
+
+    def release(self) -> None:
+        """Give back the room of one image admitted with ``reserve``."""
+        self.capacity.give(1)
+        self._report_depth()
+
+    async def submit(self, pixels: UInt8Array) -> FloatArray:
         """Embed one preprocessed image; returns its raw projected features."""
         future: asyncio.Future[FloatArray] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Item(pixels, future))
         return await future
 
+    def _report_depth(self) -> None:
+        if self._observer is not None:
+            self._observer.on_queue_depth(self._encoder.name, self.capacity.used)
+
     async def _run(self) -> None:
         while True:
             batch = await self._next_batch()
             if batch:
-                await self._compute(batch)
+                self._in_compute = batch
+                try:
+                    await self._compute(batch)
+                finally:
+                    self._in_compute = []
 
     async def _next_batch(self) -> list[_Item]:
         batch = [await self._queue.get()]
         if self._max_batch_delay_s > 0:
-            deadline = asyncio.get_running_loop().time() + self._max_batch_delay_s
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._max_batch_delay_s
             while len(batch) < self._max_batch_size:
-                timeout = deadline - asyncio.get_running_loop().time()
+                timeout = deadline - loop.time()
                 if timeout <= 0:
                     break
                 try:
@@ -116,8 +230,9 @@ class MicroBatcher:
             if not item.future.done():
                 item.future.set_result(row)
 
-    async def _embed(self, pixels: list[FloatArray]) -> FloatArray:
+    async def _embed(self, pixels: list[UInt8Array]) -> FloatArray:
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         stacked = np.stack(pixels)
         features: torch.Tensor = await loop.run_in_executor(
             self._executor, self._encoder.forward, stacked
@@ -125,8 +240,10 @@ class MicroBatcher:
         rows = await loop.run_in_executor(self._executor, self._encoder.to_host, features)
         if rows.shape[0] != len(pixels):
             raise RuntimeError(f"the model returned {rows.shape[0]} rows for {len(pixels)} images")
-        if self._on_batch is not None:
-            self._on_batch(len(pixels))
+        seconds = time.perf_counter() - started
+        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * seconds / len(pixels)
+        if self._observer is not None:
+            self._observer.on_batch(self._encoder.name, len(pixels), seconds)
         return rows
 
 

@@ -12,7 +12,7 @@ import numpy.typing as npt
 import torch
 
 from clipvision.server.checkpoint import Checkpoint
-from clipvision.server.preprocess import ClipPreprocessor, ImageLimits, decode_image
+from clipvision.server.preprocess import ClipPreprocessor, ImageLimits, UInt8Array, decode_image
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -26,23 +26,33 @@ class ClipImageEncoder:
         self.checkpoint = checkpoint
         self.limits = limits
         self.preprocessor = ClipPreprocessor(checkpoint.preprocess)
+        # Rescale and normalise happen on the device, by table lookup, so that only
+        # uint8 pixels cross the host-device link; the table holds the exact float32
+        # values transformers computes for each byte, so the result is unchanged.
+        self._table = torch.from_numpy(self.preprocessor.lookup_table).to(checkpoint.device)
+        self._channels = torch.arange(3, device=checkpoint.device).view(1, 3, 1, 1)
+        self._pin_memory = checkpoint.device.type == "cuda"
 
     @property
     def embedding_dim(self) -> int:
         """Length of the vectors this model returns."""
         return self.checkpoint.embedding_dim
 
-    def preprocess(self, data: bytes) -> FloatArray:
-        """Decode one encoded image into the (3, H, W) float32 pixels the model takes."""
-        return self.preprocessor(decode_image(data, self.limits))
+    def preprocess(self, data: bytes) -> UInt8Array:
+        """Decode one encoded image into resized, cropped (3, H, W) uint8 pixels."""
+        return self.preprocessor.pixels(decode_image(data, self.limits))
 
-    def forward(self, pixels: FloatArray) -> torch.Tensor:
-        """Run the vision tower and projection on an (N, 3, H, W) batch; output stays on device."""
+    def forward(self, pixels: UInt8Array) -> torch.Tensor:
+        """Run the tower and projection on an (N, 3, H, W) uint8 batch; output stays on device."""
         checkpoint = self.checkpoint
         # inference_mode is per thread, so it is entered here, inside the worker.
         with torch.inference_mode():
-            batch = torch.from_numpy(pixels).to(device=checkpoint.device, dtype=checkpoint.dtype)
-            embeds: torch.Tensor = checkpoint.model(pixel_values=batch).image_embeds
+            batch = torch.from_numpy(pixels)
+            if self._pin_memory:
+                batch = batch.pin_memory()
+            batch = batch.to(checkpoint.device, non_blocking=True).long()
+            values = self._table[self._channels, batch].to(checkpoint.dtype)
+            embeds: torch.Tensor = checkpoint.model(pixel_values=values).image_embeds
             return embeds
 
     def to_host(self, features: torch.Tensor) -> FloatArray:
@@ -58,7 +68,7 @@ class ClipImageEncoder:
             self.checkpoint.preprocess.crop_width,
         )
         for size in batch_sizes:
-            self.to_host(self.forward(np.zeros((size, 3, height, width), dtype=np.float32)))
+            self.to_host(self.forward(np.zeros((size, 3, height, width), dtype=np.uint8)))
 
 
 def l2_normalize(vector: FloatArray) -> FloatArray:

@@ -37,6 +37,7 @@ class Reason(StrEnum):
     URI_INVALID = "URI_INVALID"
     URI_SCHEME_REFUSED = "URI_SCHEME_REFUSED"
     TOO_MANY_IMAGES = "TOO_MANY_IMAGES"
+    QUEUE_FULL = "QUEUE_FULL"
     MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
     MODEL_LOADING = "MODEL_LOADING"
     MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
@@ -83,6 +84,16 @@ class ServiceUnavailableError(ClipVisionError):
     """The server cannot take work now (loading, draining); retrying elsewhere or later helps."""
 
     code = Code.UNAVAILABLE
+
+
+class OverloadedError(ClipVisionError):
+    """The server's queue is full; the caller should retry after ``retry_after_s``."""
+
+    code = Code.RESOURCE_EXHAUSTED
+
+    def __init__(self, reason: Reason, message: str, *, retry_after_s: float) -> None:
+        super().__init__(reason, message)
+        self.retry_after_s = retry_after_s
 
 
 class UriRefusedError(ClipVisionError):

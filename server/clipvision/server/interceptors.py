@@ -11,7 +11,13 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from clipvision.server.errors import ERROR_DOMAIN, ClipVisionError, InternalError, Reason
+from clipvision.server.errors import (
+    ERROR_DOMAIN,
+    ClipVisionError,
+    InternalError,
+    OverloadedError,
+    Reason,
+)
 from clipvision.v1 import embedding_service_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
@@ -24,10 +30,16 @@ GENERIC_INTERNAL = InternalError(
 
 
 def rich_status(error: ClipVisionError) -> grpc.Status:
-    """The gRPC status for a domain error, with an ErrorInfo carrying its reason."""
-    detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.ErrorInfo(reason=error.reason.value, domain=ERROR_DOMAIN))
-    status = status_pb2.Status(code=int(error.code), message=error.message, details=[detail])
+    """The gRPC status for a domain error: ErrorInfo with its reason, RetryInfo when overloaded."""
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=error.reason.value, domain=ERROR_DOMAIN))
+    details = [info]
+    if isinstance(error, OverloadedError):
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(error.retry_after_s * 1e9))
+        details.append(any_pb2.Any())
+        details[-1].Pack(retry)
+    status = status_pb2.Status(code=int(error.code), message=error.message, details=details)
     result: grpc.Status = rpc_status.to_status(status)
     return result
 

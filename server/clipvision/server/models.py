@@ -8,7 +8,7 @@ import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from clipvision.server.batcher import MicroBatcher
+from clipvision.server.batcher import BatchObserver, MicroBatcher
 from clipvision.server.checkpoint import Checkpoint, load_checkpoint, resolve_device, resolve_dtype
 from clipvision.server.encoder import ClipImageEncoder
 from clipvision.server.errors import (
@@ -43,9 +43,15 @@ class _Slot:
 class ModelRegistry:
     """Holds every served model; each is loaded exactly once however many requests wait for it."""
 
-    def __init__(self, settings: Settings, device_executor: Executor) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        device_executor: Executor,
+        observer: BatchObserver | None = None,
+    ) -> None:
         self._settings = settings
         self._executor = device_executor
+        self._observer = observer
         self._slots = {spec.name: _Slot(spec) for spec in settings.models}
         self._draining = False
 
@@ -131,6 +137,8 @@ class ModelRegistry:
             self._executor,
             max_batch_size=settings.max_batch_size,
             max_batch_delay_s=settings.max_batch_delay_ms / 1000,
+            max_queue_size=settings.max_queue_size,
+            observer=self._observer,
         )
         batcher.start()
         slot.model = ServedModel(encoder, batcher)

@@ -40,6 +40,7 @@ _CONVERTIBLE_MODES = frozenset(
 _MAX_RESIZED_PIXELS = 1 << 24
 
 FloatArray = npt.NDArray[np.float32]
+UInt8Array = npt.NDArray[np.uint8]
 
 
 @dataclass(frozen=True)
@@ -242,25 +243,38 @@ def _three(value: Any, name: str) -> tuple[float, float, float]:
 
 
 class ClipPreprocessor:
-    """Turns a decoded PIL image into the float32 (3, crop_h, crop_w) array the tower takes."""
+    """Turns a decoded PIL image into what the vision tower takes, in two steps.
+
+    ``pixels`` does the geometry (RGB, resize, crop) and yields uint8, four times
+    smaller than float32 to queue and to copy to the device; ``normalize`` applies
+    the rescale and mean/std through ``lookup_table``, which the encoder also uses on
+    the device. ``__call__`` does both, for callers that want float32 at once.
+    """
 
     def __init__(self, config: PreprocessConfig) -> None:
         self.config = config
-        self._lut = _pixel_lut(config)
+        self.lookup_table = _pixel_lut(config)
 
     def __call__(self, image: Image.Image) -> FloatArray:
         """Convert to RGB, resize the shortest edge, centre-crop, rescale and normalise."""
+        return self.normalize(self.pixels(image))
+
+    def pixels(self, image: Image.Image) -> UInt8Array:
+        """The RGB, resized and cropped image as a (3, crop_h, crop_w) uint8 array."""
         config = self.config
         rgb = _to_rgb(image) if config.do_convert_rgb else _plain_rgb(image)
         if config.do_resize:
             rgb = self._resize_and_crop(rgb)
         elif config.do_center_crop:
             rgb = _center_crop(rgb, config.crop_width, config.crop_height)
-        pixels = np.asarray(rgb)
-        out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)
+        return np.ascontiguousarray(np.asarray(rgb).transpose(2, 0, 1))
+
+    def normalize(self, pixels: UInt8Array) -> FloatArray:
+        """Rescale and normalise (3, H, W) uint8 pixels to float32, exactly as transformers does."""
+        out = np.empty(pixels.shape, dtype=np.float32)
         for channel in range(3):
             # mode="clip" lets numpy write straight into `out` (bytes never exceed the table).
-            np.take(self._lut[channel], pixels[..., channel], out=out[channel], mode="clip")
+            np.take(self.lookup_table[channel], pixels[channel], out=out[channel], mode="clip")
         return out
 
     def _resize_and_crop(self, image: Image.Image) -> Image.Image:

@@ -13,7 +13,7 @@ from clipvision.server.encoder import ClipImageEncoder, FloatArray, l2_normalize
 from clipvision.server.errors import ClipVisionError, InternalError, InvalidRequestError, Reason
 from clipvision.server.image_sources import image_bytes
 from clipvision.server.models import ModelRegistry, ServedModel
-from clipvision.server.preprocess import PreprocessConfig
+from clipvision.server.preprocess import PreprocessConfig, UInt8Array
 from clipvision.server.settings import Settings
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
@@ -41,7 +41,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         """Embed one image; any fault fails the call."""
         model = await self._registry.get(request.model)
         normalize = _normalize(request)
-        vector = await self._embed(model, request.image, normalize)
+        with model.batcher.admit_now(1):
+            vector = await self._embed(model, request.image, normalize)
         return pb.EmbedImageResponse(embedding=_embedding(model, vector, normalize))
 
     async def EmbedImages(
@@ -57,9 +58,10 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             )
         model = await self._registry.get(request.model)
         normalize = _normalize(request)
-        results = await asyncio.gather(
-            *(self._embed_result(model, image, normalize) for image in request.images)
-        )
+        with model.batcher.admit_now(len(request.images)):
+            results = await asyncio.gather(
+                *(self._embed_result(model, image, normalize) for image in request.images)
+            )
         return pb.EmbedImagesResponse(results=results)
 
     async def EmbedImageStream(
@@ -78,7 +80,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    await pending.put(loop.create_task(self._stream_item(request)))
+                    await pending.put(await self._admit_stream_item(request))
             finally:
                 await pending.put(None)
 
@@ -135,12 +137,27 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             return pb.EmbedImagesResult(error=_item_error(exc))
         return pb.EmbedImagesResult(embedding=_embedding(model, vector, normalize))
 
-    async def _stream_item(
+    async def _admit_stream_item(
         self, request: pb.EmbedImageStreamRequest
-    ) -> pb.EmbedImageStreamResponse:
+    ) -> asyncio.Task[pb.EmbedImageStreamResponse]:
+        """Start one stream item once its model has room; waiting here stops the reading."""
+        loop = asyncio.get_running_loop()
         try:
             model = await self._registry.get(request.model)
-            normalize = _normalize(request)
+        except ClipVisionError as exc:
+            failed = pb.EmbedImageStreamResponse(id=request.id, error=_item_error(exc))
+            return loop.create_task(_ready(failed))
+        await model.batcher.reserve()
+        task = loop.create_task(self._stream_item(model, request))
+        # A done-callback, not a finally: a task cancelled before it starts runs no code.
+        task.add_done_callback(lambda _: model.batcher.release())
+        return task
+
+    async def _stream_item(
+        self, model: ServedModel, request: pb.EmbedImageStreamRequest
+    ) -> pb.EmbedImageStreamResponse:
+        normalize = _normalize(request)
+        try:
             vector = await self._embed(model, request.image, normalize)
         except Exception as exc:
             return pb.EmbedImageStreamResponse(id=request.id, error=_item_error(exc))
@@ -149,7 +166,11 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         )
 
 
-def _prepare(encoder: ClipImageEncoder, image: pb.Image) -> FloatArray:
+async def _ready(response: pb.EmbedImageStreamResponse) -> pb.EmbedImageStreamResponse:
+    return response
+
+
+def _prepare(encoder: ClipImageEncoder, image: pb.Image) -> UInt8Array:
     """Resolve, decode and preprocess one image (runs in the preprocessing pool)."""
     return encoder.preprocess(image_bytes(image, encoder.limits))
 

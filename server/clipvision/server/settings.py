@@ -52,6 +52,7 @@ class Settings:
 
     models: tuple[ModelSpec, ...] = (ModelSpec.parse(DEFAULT_MODEL),)
     address: str = "127.0.0.1:50051"
+    metrics_address: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     dummy_weights: bool = False
@@ -60,6 +61,7 @@ class Settings:
     max_batch_size: int = 32
     max_batch_delay_ms: float = 0.0
     max_batch_images: int = 64
+    max_queue_size: int = 256
     stream_window: int = 64
     max_message_bytes: int = 64 * MIB
     image_limits: ImageLimits = field(default_factory=ImageLimits)
@@ -119,6 +121,11 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         ),
     )
     option("--address", defaults.address, "HOST:PORT to listen on; port 0 picks a free one")
+    option(
+        "--metrics-address",
+        defaults.metrics_address,
+        "HOST:PORT for Prometheus /metrics over HTTP; off unless given",
+    )
     option("--device", defaults.device, "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     option(
         "--dtype",
@@ -157,6 +164,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "--max-batch-images",
         defaults.max_batch_images,
         "most images in one EmbedImages request",
+        type=_positive_int,
+    )
+    option(
+        "--max-queue-size",
+        defaults.max_queue_size,
+        "images per model admitted and not yet answered; past it unary calls get "
+        "RESOURCE_EXHAUSTED and streams wait",
         type=_positive_int,
     )
     option(
@@ -214,6 +228,11 @@ def parse_settings(
         models = tuple(ModelSpec.parse(text) for text in texts)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.max_queue_size < args.max_batch_images:
+        parser.error(
+            f"--max-queue-size ({args.max_queue_size}) must be at least --max-batch-images "
+            f"({args.max_batch_images}), or a full EmbedImages request could never be admitted"
+        )
     names = [spec.name for spec in models]
     if len(set(names)) != len(names):
         parser.error(f"--model names must be unique, got {names}")
@@ -227,6 +246,7 @@ def parse_settings(
     return Settings(
         models=models,
         address=args.address,
+        metrics_address=args.metrics_address,
         device=args.device,
         dtype=args.dtype,
         dummy_weights=args.dummy_weights,
@@ -235,6 +255,7 @@ def parse_settings(
         max_batch_size=args.max_batch_size,
         max_batch_delay_ms=args.max_batch_delay_ms,
         max_batch_images=args.max_batch_images,
+        max_queue_size=args.max_queue_size,
         stream_window=args.stream_window,
         max_message_bytes=args.max_message_bytes,
         image_limits=ImageLimits(
