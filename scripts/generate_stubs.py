@@ -9,6 +9,7 @@ Run from the repository root with the pinned dev tools installed:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,8 @@ def proto_files() -> list[Path]:
 def generate(out: Path) -> None:
     """Write *_pb2.py, *_pb2.pyi, *_pb2_grpc.py and *_pb2_grpc.pyi under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
+    # protoc finds the mypy plugins on PATH; they are installed beside this interpreter.
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
     include = Path(protoc.__file__).parent / "_proto"
     args = [
         "grpc_tools.protoc",

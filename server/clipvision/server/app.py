@@ -15,13 +15,16 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from clipvision.server.auth import BearerTokenInterceptor
 from clipvision.server.errors import CheckpointError
 from clipvision.server.health import HealthReporter
+from clipvision.server.image_sources import ImageSources
 from clipvision.server.interceptors import SERVICE_NAME, ErrorMappingInterceptor
 from clipvision.server.metrics import ServerMetrics
 from clipvision.server.models import ModelRegistry
 from clipvision.server.servicer import EmbeddingServicer
 from clipvision.server.settings import Settings
+from clipvision.server.watchdog import DeviceWatchdog
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
@@ -41,14 +44,23 @@ class ClipVisionServer:
         self.metrics = ServerMetrics()
         self.registry = ModelRegistry(settings, self._device_executor, observer=self.metrics)
         self.health = HealthReporter()
+        self.watchdog = DeviceWatchdog(self.registry, self.health, settings.watchdog_timeout_s)
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor()]  # type: ignore[type-arg]
+        if settings.auth_token:
+            interceptors.insert(0, BearerTokenInterceptor(settings.auth_token))
         self.grpc_server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor()],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
             ],
+            # Each call may hold a whole message in memory; this bounds their number.
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
-        servicer = EmbeddingServicer(settings, self.registry, self._preprocess_executor)
+        self.sources = ImageSources(settings.image_limits, settings.fetch_policy)
+        servicer = EmbeddingServicer(
+            settings, self.registry, self._preprocess_executor, self.sources
+        )
         pb_grpc.add_EmbeddingServiceServicer_to_server(servicer, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.grpc_server)
         reflection.enable_server_reflection(
@@ -64,7 +76,16 @@ class ClipVisionServer:
 
     def bind(self) -> int:
         """Listen on the configured address; returns the port (useful with port 0)."""
-        port = self.grpc_server.add_insecure_port(self.settings.address)
+        tls = self.settings.tls
+        if tls is None:
+            port = self.grpc_server.add_insecure_port(self.settings.address)
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(tls.key.read_bytes(), tls.cert.read_bytes())],
+                root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
+                require_client_auth=tls.client_ca is not None,
+            )
+            port = self.grpc_server.add_secure_port(self.settings.address, credentials)
         if port == 0:
             raise OSError(f"could not listen on {self.settings.address}")
         return port
@@ -83,17 +104,20 @@ class ClipVisionServer:
         if not self.settings.lazy_load:
             await self.registry.load_all()
         await self.health.set_serving(True)
+        self.watchdog.start()
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new work, let in-flight calls finish within ``grace``."""
         if self._stopped:
             return
         self._stopped = True
+        await self.watchdog.stop()
         await self.health.shut_down()
         self.registry.drain()
         await self.grpc_server.stop(self.settings.grace_period_s if grace is None else grace)
         await self.registry.close()
         self.metrics.close()
+        self.sources.close()
         self._preprocess_executor.shutdown(wait=False, cancel_futures=True)
         self._device_executor.shutdown(wait=False, cancel_futures=True)
 

@@ -117,6 +117,7 @@ class MicroBatcher:
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._in_compute: list[_Item] = []
+        self.busy_since: float | None = None  # monotonic start of the batch on the device
         # Seconds per image on the device, smoothed: sizes the RetryInfo delay.
         self._seconds_per_image = 0.05
 
@@ -234,10 +235,14 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         stacked = np.stack(pixels)
-        features: torch.Tensor = await loop.run_in_executor(
-            self._executor, self._encoder.forward, stacked
-        )
-        rows = await loop.run_in_executor(self._executor, self._encoder.to_host, features)
+        self.busy_since = time.monotonic()
+        try:
+            features: torch.Tensor = await loop.run_in_executor(
+                self._executor, self._encoder.forward, stacked
+            )
+            rows = await loop.run_in_executor(self._executor, self._encoder.to_host, features)
+        finally:
+            self.busy_since = None
         if rows.shape[0] != len(pixels):
             raise RuntimeError(f"the model returned {rows.shape[0]} rows for {len(pixels)} images")
         seconds = time.perf_counter() - started

@@ -22,6 +22,7 @@ class Code(IntEnum):
     RESOURCE_EXHAUSTED = 8
     INTERNAL = 13
     UNAVAILABLE = 14
+    UNAUTHENTICATED = 16
 
 
 class Reason(StrEnum):
@@ -36,12 +37,17 @@ class Reason(StrEnum):
     IMAGE_DECODE_FAILED = "IMAGE_DECODE_FAILED"
     URI_INVALID = "URI_INVALID"
     URI_SCHEME_REFUSED = "URI_SCHEME_REFUSED"
+    URI_PATH_REFUSED = "URI_PATH_REFUSED"
+    URI_HOST_REFUSED = "URI_HOST_REFUSED"
+    URI_ADDRESS_REFUSED = "URI_ADDRESS_REFUSED"
+    URI_UNREADABLE = "URI_UNREADABLE"
     TOO_MANY_IMAGES = "TOO_MANY_IMAGES"
     QUEUE_FULL = "QUEUE_FULL"
     MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
     MODEL_LOADING = "MODEL_LOADING"
     MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
     SERVER_DRAINING = "SERVER_DRAINING"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
     INTERNAL = "INTERNAL"
 
 
@@ -100,6 +106,12 @@ class UriRefusedError(ClipVisionError):
     """The image URI points somewhere the operator has not allowed."""
 
     code = Code.PERMISSION_DENIED
+
+
+class UnauthenticatedError(ClipVisionError):
+    """The call carries no valid bearer token."""
+
+    code = Code.UNAUTHENTICATED
 
 
 class InternalError(ClipVisionError):

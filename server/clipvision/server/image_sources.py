@@ -1,7 +1,7 @@
 """Turn an ``Image`` message (inline bytes or a URI) into encoded image bytes.
 
 ``data:`` URIs need no fetch and are always accepted. ``file://`` and
-``http(s)://`` are refused until the operator enables them.
+``http(s)://`` URIs are read only as the operator's FetchPolicy allows.
 """
 
 from __future__ import annotations
@@ -11,37 +11,56 @@ import binascii
 from urllib.parse import unquote_to_bytes
 
 from clipvision.server.errors import InvalidImageError, Reason, UriRefusedError
+from clipvision.server.fetch import FetchPolicy, UriFetcher, read_file_uri
 from clipvision.server.preprocess import ImageLimits
 from clipvision.v1 import embedding_service_pb2 as pb
 
-REFUSED_SCHEMES = {"file", "http", "https"}
 
+class ImageSources:
+    """Resolves images to bytes under the server's limits and fetch policy (thread-safe)."""
 
-def image_bytes(image: pb.Image, limits: ImageLimits) -> bytes:
-    """The encoded bytes of ``image``; a missing, bad or refused source raises a domain error."""
-    source = image.WhichOneof("source")
-    if source == "content":
-        return image.content
-    if source == "uri":
-        return _resolve_uri(image.uri, limits)
-    raise InvalidImageError(
-        Reason.IMAGE_MISSING, "The request has no image; set Image.content or Image.uri."
-    )
+    def __init__(self, limits: ImageLimits, policy: FetchPolicy | None = None) -> None:
+        self._limits = limits
+        self._policy = policy or FetchPolicy()
+        self._fetcher = UriFetcher(self._policy, limits.max_image_bytes)
 
+    def close(self) -> None:
+        """Release pooled HTTP connections."""
+        self._fetcher.close()
 
-def _resolve_uri(uri: str, limits: ImageLimits) -> bytes:
-    scheme, sep, rest = uri.partition(":")
-    if scheme.lower() in REFUSED_SCHEMES:
-        raise UriRefusedError(
-            Reason.URI_SCHEME_REFUSED,
-            f"{scheme.lower()}:// image URIs are not enabled on this server; send the image "
-            "bytes in Image.content or as a data: URI.",
+    def image_bytes(self, image: pb.Image) -> bytes:
+        """The encoded bytes of ``image``; a missing, bad or refused source raises."""
+        source = image.WhichOneof("source")
+        if source == "content":
+            return image.content
+        if source == "uri":
+            return self._resolve_uri(image.uri)
+        raise InvalidImageError(
+            Reason.IMAGE_MISSING, "The request has no image; set Image.content or Image.uri."
         )
-    if not sep or scheme.lower() != "data":
+
+    def _resolve_uri(self, uri: str) -> bytes:
+        scheme, sep, rest = uri.partition(":")
+        scheme = scheme.lower()
+        if sep and scheme == "data":
+            return _data_uri(rest, self._limits)
+        if sep and scheme == "file":
+            return read_file_uri(uri, self._policy, self._limits.max_image_bytes)
+        if sep and scheme in ("http", "https"):
+            if not self._policy.fetching:
+                raise UriRefusedError(
+                    Reason.URI_SCHEME_REFUSED,
+                    f"{scheme}:// image URIs are not enabled on this server; send the image "
+                    "bytes in Image.content or as a data: URI.",
+                )
+            return self._fetcher.fetch(uri)
         raise InvalidImageError(
             Reason.URI_INVALID,
             f"Image URI scheme {scheme[:20]!r} is not supported; use a data: URI or Image.content.",
         )
+
+
+def _data_uri(rest: str, limits: ImageLimits) -> bytes:
     header, comma, payload = rest.partition(",")
     if not comma:
         raise InvalidImageError(

@@ -60,6 +60,10 @@ class ModelRegistry:
         """The configured models, default first."""
         return [slot.spec for slot in self._slots.values()]
 
+    def served(self) -> list[ServedModel]:
+        """The models loaded so far."""
+        return [slot.model for slot in self._slots.values() if slot.model is not None]
+
     def loaded(self, name: str) -> ServedModel | None:
         """The model called ``name`` if it is loaded, else None."""
         return self._slots[name].model

@@ -11,7 +11,7 @@ import grpc
 
 from clipvision.server.encoder import ClipImageEncoder, FloatArray, l2_normalize
 from clipvision.server.errors import ClipVisionError, InternalError, InvalidRequestError, Reason
-from clipvision.server.image_sources import image_bytes
+from clipvision.server.image_sources import ImageSources
 from clipvision.server.models import ModelRegistry, ServedModel
 from clipvision.server.preprocess import PreprocessConfig, UInt8Array
 from clipvision.server.settings import Settings
@@ -29,11 +29,16 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     """Implements clipvision.v1.EmbeddingService on top of the model registry."""
 
     def __init__(
-        self, settings: Settings, registry: ModelRegistry, preprocess_executor: Executor
+        self,
+        settings: Settings,
+        registry: ModelRegistry,
+        preprocess_executor: Executor,
+        sources: ImageSources,
     ) -> None:
         self._settings = settings
         self._registry = registry
         self._preprocess_executor = preprocess_executor
+        self._sources = sources
 
     async def EmbedImage(
         self, request: pb.EmbedImageRequest, context: grpc.aio.ServicerContext[object, object]
@@ -123,10 +128,14 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def _embed(self, model: ServedModel, image: pb.Image, normalize: bool) -> FloatArray:
         loop = asyncio.get_running_loop()
         pixels = await loop.run_in_executor(
-            self._preprocess_executor, _prepare, model.encoder, image
+            self._preprocess_executor, self._prepare, model.encoder, image
         )
         raw = await model.batcher.submit(pixels)
         return l2_normalize(raw) if normalize else raw
+
+    def _prepare(self, encoder: ClipImageEncoder, image: pb.Image) -> UInt8Array:
+        """Resolve, decode and preprocess one image (runs in the preprocessing pool)."""
+        return encoder.preprocess(self._sources.image_bytes(image))
 
     async def _embed_result(
         self, model: ServedModel, image: pb.Image, normalize: bool
@@ -168,11 +177,6 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
 async def _ready(response: pb.EmbedImageStreamResponse) -> pb.EmbedImageStreamResponse:
     return response
-
-
-def _prepare(encoder: ClipImageEncoder, image: pb.Image) -> UInt8Array:
-    """Resolve, decode and preprocess one image (runs in the preprocessing pool)."""
-    return encoder.preprocess(image_bytes(image, encoder.limits))
 
 
 def _normalize(

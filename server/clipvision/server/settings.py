@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clipvision.server.fetch import FetchPolicy
 from clipvision.server.preprocess import ImageLimits
 from clipvision.server.presets import PRESETS, Preset
 
@@ -47,6 +48,15 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for TLS; with ``client_ca`` every client must present a certificate it signed."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the server is configured with; built once at start and passed in."""
 
@@ -65,6 +75,12 @@ class Settings:
     stream_window: int = 64
     max_message_bytes: int = 64 * MIB
     image_limits: ImageLimits = field(default_factory=ImageLimits)
+    fetch_policy: FetchPolicy = field(default_factory=FetchPolicy)
+    tls: TlsFiles | None = None
+    # repr=False: the token must never reach a log line.
+    auth_token: str | None = field(default=None, repr=False)
+    max_concurrent_rpcs: int = 256
+    watchdog_timeout_s: float = 60.0
     preprocess_workers: int = max(1, os.cpu_count() or 1)
     grace_period_s: float = 10.0
     log_level: str = "INFO"
@@ -91,6 +107,22 @@ def _non_negative_float(text: str) -> float:
 
 def _flag(environ: Mapping[str, str], name: str) -> bool:
     return environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _listed(values: list[str] | None, environ: Mapping[str, str], name: str, sep: str) -> list[str]:
+    """A repeated flag's values, or else the environment variable's, split on ``sep``."""
+    if values:
+        return values
+    return [part.strip() for part in environ.get(name, "").split(sep) if part.strip()]
+
+
+def _read_token(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+    if args.auth_token_file:
+        token = Path(args.auth_token_file).read_text().strip()
+        if not token:
+            raise ValueError(f"--auth-token-file {args.auth_token_file} is empty")
+        return token
+    return environ.get("CLIPVISION_AUTH_TOKEN", "").strip() or None
 
 
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
@@ -194,6 +226,78 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         type=_positive_int,
     )
     option(
+        "--min-image-side",
+        limits.min_image_side,
+        "smallest accepted width or height in pixels",
+        type=_positive_int,
+    )
+    option(
+        "--allowed-formats",
+        ",".join(sorted(limits.allowed_formats)),
+        "comma-separated image formats accepted (Pillow names)",
+    )
+    parser.add_argument(
+        "--allow-file-root",
+        action="append",
+        metavar="DIR",
+        help="allow file:// image URIs below DIR (repeatable; symlinks and .. are resolved "
+        "before the check); off by default [env CLIPVISION_ALLOW_FILE_ROOT, "
+        f"{os.pathsep!r}-separated]",
+    )
+    parser.add_argument(
+        "--allow-fetch-domain",
+        action="append",
+        metavar="DOMAIN",
+        help="allow https:// image URIs on DOMAIN (exact, *.suffix, or * for any public host; "
+        "repeatable); off by default [env CLIPVISION_ALLOW_FETCH_DOMAIN, comma-separated]",
+    )
+    parser.add_argument(
+        "--allow-http",
+        action="store_true",
+        default=_flag(env, "CLIPVISION_ALLOW_HTTP"),
+        help="also fetch plain http:// URIs on the allowed domains [env CLIPVISION_ALLOW_HTTP=1]",
+    )
+    parser.add_argument(
+        "--allow-private-fetch",
+        action="store_true",
+        default=_flag(env, "CLIPVISION_ALLOW_PRIVATE_FETCH"),
+        help="let allowed domains resolve to private and loopback addresses (internal image "
+        "stores); link-local and metadata addresses stay refused "
+        "[env CLIPVISION_ALLOW_PRIVATE_FETCH=1]",
+    )
+    option(
+        "--fetch-timeout",
+        FetchPolicy().timeout_s,
+        "seconds a URI fetch may take in all",
+        type=_non_negative_float,
+    )
+    option("--tls-cert", None, "PEM certificate chain: serve over TLS (with --tls-key)")
+    option("--tls-key", None, "PEM private key of --tls-cert")
+    option(
+        "--tls-client-ca",
+        None,
+        "PEM CA bundle: require every client to present a certificate it signed (mutual TLS)",
+    )
+    option(
+        "--auth-token-file",
+        None,
+        "file holding a bearer token that calls must send as 'authorization: Bearer TOKEN' "
+        "(health stays open for probes); CLIPVISION_AUTH_TOKEN gives the token itself",
+    )
+    option(
+        "--max-concurrent-rpcs",
+        defaults.max_concurrent_rpcs,
+        "calls served at once; more get RESOURCE_EXHAUSTED from gRPC (bounds memory: "
+        "each may hold up to --max-message-bytes)",
+        type=_positive_int,
+    )
+    option(
+        "--watchdog-timeout",
+        defaults.watchdog_timeout_s,
+        "seconds a batch may run on the device before health turns NOT_SERVING",
+        type=_non_negative_float,
+    )
+    option(
         "--preprocess-workers",
         defaults.preprocess_workers,
         "threads that decode and preprocess images",
@@ -236,6 +340,26 @@ def parse_settings(
     names = [spec.name for spec in models]
     if len(set(names)) != len(names):
         parser.error(f"--model names must be unique, got {names}")
+    tls: TlsFiles | None = None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_cert:
+        tls = TlsFiles(
+            Path(args.tls_cert),
+            Path(args.tls_key),
+            Path(args.tls_client_ca) if args.tls_client_ca else None,
+        )
+    elif args.tls_client_ca:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    try:
+        token = _read_token(args, env)
+    except (OSError, ValueError) as exc:
+        parser.error(f"cannot read the auth token: {exc}")
+    roots = _listed(args.allow_file_root, env, "CLIPVISION_ALLOW_FILE_ROOT", os.pathsep)
+    missing = [root for root in roots if not Path(root).is_dir()]
+    if missing:
+        parser.error(f"--allow-file-root {', '.join(missing)}: not a directory")
+    formats = frozenset(f.strip().upper() for f in args.allowed_formats.split(",") if f.strip())
     if args.dummy_weights:
         not_presets = [spec.source for spec in models if spec.source not in PRESETS]
         if not_presets:
@@ -261,7 +385,22 @@ def parse_settings(
         image_limits=ImageLimits(
             max_image_bytes=args.max_image_bytes,
             max_image_pixels=args.max_image_pixels,
+            min_image_side=args.min_image_side,
+            allowed_formats=formats,
         ),
+        fetch_policy=FetchPolicy(
+            file_roots=tuple(Path(root) for root in roots),
+            fetch_domains=tuple(
+                _listed(args.allow_fetch_domain, env, "CLIPVISION_ALLOW_FETCH_DOMAIN", ",")
+            ),
+            allow_http=args.allow_http,
+            allow_private_addresses=args.allow_private_fetch,
+            timeout_s=args.fetch_timeout,
+        ),
+        tls=tls,
+        auth_token=token,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        watchdog_timeout_s=args.watchdog_timeout,
         preprocess_workers=args.preprocess_workers,
         grace_period_s=args.grace_period,
         log_level=args.log_level,

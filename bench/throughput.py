@@ -1,0 +1,431 @@
+"""Throughput and latency of the server against the in-process ceiling, in one run.
+
+    .venv/bin/python bench/throughput.py                      # ViT-B/32, fp32, this machine
+    .venv/bin/python bench/throughput.py --quick              # a shorter smoke run
+    .venv/bin/python bench/throughput.py --model ViT-L/14 --dtype float16   # on a GPU
+
+Every number is measured in this run, with the full-size architecture and dummy
+(random) weights: the same FLOPs as the real checkpoint. Images are real
+photographs (tests/data) resized to typical photo sizes and saved as JPEG.
+
+1. ceiling: decode + preprocess + forward in-process, preprocessing overlapped
+   with the forward pass as the server does it, at the best batch size;
+2. naive: the server with batching off (one request, one forward, batch 1);
+3. the server under concurrent unary load and through one EmbedImageStream;
+4. each server figure as a ratio of the ceiling.
+
+It prints a table and writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from clipvision.server.checkpoint import load_checkpoint, resolve_device, resolve_dtype
+from clipvision.server.encoder import ClipImageEncoder
+from clipvision.server.preprocess import ImageLimits
+from clipvision.server.settings import ModelSpec
+from clipvision.v1 import embedding_service_pb2 as pb
+from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+PHOTOS = ROOT / "tests" / "data"
+SIZES = ((640, 480), (1920, 1080))
+
+
+@dataclass
+class Scenario:
+    """One measured configuration."""
+
+    name: str
+    images_per_s: float
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    mean_batch: float | None = None
+    ratio: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def make_jpegs() -> list[bytes]:
+    """Real photographs centre-cropped and resized to 640x480 and 1920x1080, JPEG quality 90."""
+    images = []
+    for path in sorted(PHOTOS.glob("*.[jp][pn]g")):
+        with Image.open(path) as photo:
+            rgb = photo.convert("RGB")
+        for width, height in SIZES:
+            scale = max(width / rgb.width, height / rgb.height)
+            resized = rgb.resize(
+                (round(rgb.width * scale), round(rgb.height * scale)), Image.Resampling.BICUBIC
+            )
+            left, top = (resized.width - width) // 2, (resized.height - height) // 2
+            buffer = io.BytesIO()
+            resized.crop((left, top, left + width, top + height)).save(
+                buffer, format="JPEG", quality=90
+            )
+            images.append(buffer.getvalue())
+    return images
+
+
+def cycle(images: list[bytes]) -> Iterator[bytes]:
+    while True:
+        yield from images
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) * 1000
+
+
+# -- in-process ceiling --------------------------------------------------------
+
+
+def build_encoder(args: argparse.Namespace) -> ClipImageEncoder:
+    device = resolve_device(args.device)
+    checkpoint = load_checkpoint(
+        ModelSpec.parse(args.model),
+        device=device,
+        dtype=resolve_dtype(args.dtype, device),
+        dummy_weights=True,
+    )
+    return ClipImageEncoder(args.model, args.model, checkpoint, ImageLimits())
+
+
+def ceiling(
+    encoder: ClipImageEncoder, images: list[bytes], batch_size: int, seconds: float, workers: int
+) -> float:
+    """Images/s of decode+preprocess (a pool, ahead of the device) overlapped with forward."""
+    source = cycle(images)
+    done = 0
+    with ThreadPoolExecutor(workers) as pool:
+        ahead = [pool.submit(encoder.preprocess, next(source)) for _ in range(2 * batch_size)]
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            batch = [future.result() for future in ahead[:batch_size]]
+            ahead = ahead[batch_size:] + [
+                pool.submit(encoder.preprocess, next(source)) for _ in range(batch_size)
+            ]
+            encoder.to_host(encoder.forward(np.stack(batch)))
+            done += batch_size
+        elapsed = time.perf_counter() - started
+    return done / elapsed
+
+
+def single_image_seconds(encoder: ClipImageEncoder, images: list[bytes], count: int) -> float:
+    """Median time of decode + preprocess + forward + copy of one image, alone."""
+    times = []
+    for data in list(images) * (count // len(images) + 1):
+        started = time.perf_counter()
+        encoder.to_host(encoder.forward(encoder.preprocess(data)[None]))
+        times.append(time.perf_counter() - started)
+        if len(times) >= count:
+            break
+    return statistics.median(times)
+
+
+# -- the server ----------------------------------------------------------------
+
+
+class ServerProcess:
+    """clipvision-server with dummy weights in a child process, its ports read from its log."""
+
+    def __init__(self, *flags: str) -> None:
+        self.command = [
+            sys.executable,
+            "-m",
+            "clipvision.server.cli",
+            "--dummy-weights",
+            "--address",
+            "127.0.0.1:0",
+            "--metrics-address",
+            "127.0.0.1:0",
+            *flags,
+        ]
+        self.process: asyncio.subprocess.Process | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self.pid = 0
+
+    async def __aenter__(self) -> ServerProcess:
+        self.process = await asyncio.create_subprocess_exec(
+            *self.command, stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        )
+        assert self.process.stderr is not None
+        self.pid = self.process.pid
+        async with asyncio.timeout(600):
+            while not (self.port and self.metrics_port):
+                line = (await self.process.stderr.readline()).decode()
+                if not line:
+                    raise RuntimeError("the server exited during start-up")
+                if match := re.search(r"listening on [\d.]+:(\d+)", line):
+                    self.port = int(match.group(1))
+                if match := re.search(r"metrics on http://[\d.]+:(\d+)/", line):
+                    self.metrics_port = int(match.group(1))
+            while "serving" not in line:
+                line = (await self.process.stderr.readline()).decode()
+                if not line:
+                    raise RuntimeError("the server exited while loading")
+        asyncio.get_running_loop().create_task(self._drain_log())
+        return self
+
+    async def _drain_log(self) -> None:
+        assert self.process is not None
+        assert self.process.stderr is not None
+        while await self.process.stderr.readline():
+            pass
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            await asyncio.wait_for(self.process.wait(), 60)
+
+    def batch_totals(self) -> tuple[float, float]:
+        """(sum, count) of the batch size histogram, from /metrics."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        total = count = 0.0
+        for family in text_string_to_metric_families(text):
+            if family.name == "clipvision_batch_size":
+                for sample in family.samples:
+                    if sample.name.endswith("_sum"):
+                        total += sample.value
+                    elif sample.name.endswith("_count"):
+                        count += sample.value
+        return total, count
+
+
+def server_flags(args: argparse.Namespace, max_batch_size: int) -> list[str]:
+    """The server's flags for this run's model, device and batch size."""
+    return [
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--max-batch-size",
+        str(max_batch_size),
+        "--max-queue-size",
+        "1024",
+        "--preprocess-workers",
+        str(args.preprocess_workers),
+    ]
+
+
+async def unary_load(
+    server: ServerProcess, images: list[bytes], callers: int, seconds: float, name: str
+) -> Scenario:
+    source = cycle(images)
+    latencies: list[float] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        for _ in range(min(callers, 4)):  # warm the connection and the model
+            await stub.EmbedImage(pb.EmbedImageRequest(image=pb.Image(content=images[0])))
+        before = server.batch_totals()
+        started = time.perf_counter()
+        deadline = started + seconds
+
+        async def caller() -> None:
+            while time.perf_counter() < deadline:
+                request = pb.EmbedImageRequest(image=pb.Image(content=next(source)))
+                sent = time.perf_counter()
+                await stub.EmbedImage(request, timeout=120)
+                latencies.append(time.perf_counter() - sent)
+
+        await asyncio.gather(*(caller() for _ in range(callers)))
+        elapsed = time.perf_counter() - started
+        after = server.batch_totals()
+    return Scenario(
+        name=name,
+        images_per_s=len(latencies) / elapsed,
+        p50_ms=percentile(latencies, 50),
+        p99_ms=percentile(latencies, 99),
+        mean_batch=(after[0] - before[0]) / max(1.0, after[1] - before[1]),
+    )
+
+
+async def stream_load(
+    server: ServerProcess, images: list[bytes], seconds: float, name: str
+) -> Scenario:
+    source = cycle(images)
+    sent_at: dict[str, float] = {}
+    latencies: list[float] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        await stub.EmbedImage(pb.EmbedImageRequest(image=pb.Image(content=images[0])))
+        before = server.batch_totals()
+        started = time.perf_counter()
+        deadline = started + seconds
+
+        async def requests() -> AsyncIterator[pb.EmbedImageStreamRequest]:
+            index = 0
+            while time.perf_counter() < deadline:
+                sent_at[str(index)] = time.perf_counter()
+                yield pb.EmbedImageStreamRequest(
+                    id=str(index), image=pb.Image(content=next(source))
+                )
+                index += 1
+
+        async for response in stub.EmbedImageStream(requests()):
+            if response.HasField("error"):
+                raise RuntimeError(f"stream item failed: {response.error.message}")
+            latencies.append(time.perf_counter() - sent_at.pop(response.id))
+        elapsed = time.perf_counter() - started
+        after = server.batch_totals()
+    return Scenario(
+        name=name,
+        images_per_s=len(latencies) / elapsed,
+        p50_ms=percentile(latencies, 50),
+        p99_ms=percentile(latencies, 99),
+        mean_batch=(after[0] - before[0]) / max(1.0, after[1] - before[1]),
+    )
+
+
+# -- the run -------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    images = make_jpegs()
+    workers = args.preprocess_workers
+    seconds = args.seconds
+    print(f"{len(images)} JPEGs ({', '.join(f'{w}x{h}' for w, h in SIZES)}); {workers} workers")
+
+    encoder = build_encoder(args)
+    encoder.warm_up((1, 8))
+    results: list[Scenario] = []
+    best_rate, best_batch = 0.0, 0
+    for batch_size in args.ceiling_batches:
+        rate = ceiling(encoder, images, batch_size, seconds, workers)
+        print(f"ceiling at batch {batch_size}: {rate:.2f} images/s")
+        if rate > best_rate:
+            best_rate, best_batch = rate, batch_size
+    single = single_image_seconds(encoder, images, 8 if args.quick else 24)
+    device, dtype = str(encoder.checkpoint.device), str(encoder.checkpoint.dtype)
+    del encoder
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    results.append(
+        Scenario(
+            "ceiling (in-process)",
+            best_rate,
+            mean_batch=float(best_batch),
+            ratio=1.0,
+            extra={"single_image_ms": single * 1000},
+        )
+    )
+
+    async with ServerProcess(*server_flags(args, max_batch_size=1)) as naive:
+        results.append(await unary_load(naive, images, 32, seconds, "naive, batch 1, 32 callers"))
+    async with ServerProcess(*server_flags(args, max_batch_size=best_batch)) as server:
+        for callers in args.callers:
+            name = f"unary, {callers} caller{'s' if callers > 1 else ''}"
+            results.append(await unary_load(server, images, callers, seconds, name))
+            print(f"{name}: {results[-1].images_per_s:.2f} images/s")
+        results.append(await stream_load(server, images, seconds, "one EmbedImageStream"))
+
+    for scenario in results:
+        scenario.ratio = scenario.images_per_s / best_rate
+    by_name = {s.name: s for s in results}
+    thirty_two = by_name.get("unary, 32 callers")
+    one = by_name.get("unary, 1 caller")
+    checks = {
+        "stream / ceiling >= 0.9": by_name["one EmbedImageStream"].ratio,
+        "32 callers / ceiling >= 0.9": thirty_two.ratio if thirty_two else None,
+        "32 callers / naive >= 1.5": (
+            thirty_two.images_per_s / by_name["naive, batch 1, 32 callers"].images_per_s
+            if thirty_two
+            else None
+        ),
+        "1 caller p50 - single image ms <= 5": (
+            (one.p50_ms or 0.0) - single * 1000 if one else None
+        ),
+    }
+    return {
+        "model": args.model,
+        "device": device,
+        "dtype": dtype.removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        "preprocess_workers": workers,
+        "machine": platform.processor() or platform.machine(),
+        "seconds_per_scenario": seconds,
+        "best_batch_size": best_batch,
+        "scenarios": [asdict(s) for s in results],
+        "checks": checks,
+    }
+
+
+def print_table(report: dict[str, object]) -> None:
+    print(
+        f"\n{report['model']} {report['dtype']} on {report['device']} "
+        f"({report['cores']} cores, torch threads {report['torch_threads']})"
+    )
+    print(f"| {'scenario':<30} | images/s | p50 ms | p99 ms | mean batch | / ceiling |")
+    print(f"| {'-' * 30} | -------: | -----: | -----: | ---------: | --------: |")
+    for s in report["scenarios"]:  # type: ignore[attr-defined]
+        p50 = f"{s['p50_ms']:.1f}" if s["p50_ms"] is not None else "-"
+        p99 = f"{s['p99_ms']:.1f}" if s["p99_ms"] is not None else "-"
+        batch = f"{s['mean_batch']:.1f}" if s["mean_batch"] is not None else "-"
+        print(
+            f"| {s['name']:<30} | {s['images_per_s']:8.2f} | {p50:>6} | {p99:>6} "
+            f"| {batch:>10} | {s['ratio']:9.2f} |"
+        )
+    single = report["scenarios"][0]["extra"]["single_image_ms"]  # type: ignore[index]
+    print(f"\nin-process single image (decode + preprocess + forward): {single:.1f} ms")
+    for check, value in report["checks"].items():  # type: ignore[attr-defined]
+        print(f"{check}: {'n/a' if value is None else f'{value:.2f}'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ViT-B/32", help="a preset: ViT-B/32 or ViT-L/14")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--seconds", type=float, default=12.0, help="per scenario")
+    parser.add_argument(
+        "--callers", type=lambda t: [int(x) for x in t.split(",")], default=[1, 8, 32, 128]
+    )
+    parser.add_argument(
+        "--ceiling-batches", type=lambda t: [int(x) for x in t.split(",")], default=[8, 16, 32]
+    )
+    parser.add_argument(
+        "--preprocess-workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="decode threads, in-process and in the server (the server's default: cores)",
+    )
+    parser.add_argument("--quick", action="store_true", help="3 s per scenario, fewer batches")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "throughput.json")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds = 3.0
+        args.ceiling_batches = args.ceiling_batches[:2]
+    report = asyncio.run(run(args))
+    print_table(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
