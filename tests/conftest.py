@@ -17,6 +17,7 @@ from clipvision.server.app import ClipVisionServer, create_server
 from clipvision.server.settings import ModelSpec, Settings
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.checkpoints import build_clip_model, build_vision_model
+from tests.pki import Pki, build_pki
 
 if TYPE_CHECKING:
     # Only the generated .pyi has the asyncio stub's type; at run time the stub
@@ -40,6 +41,12 @@ def vision_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("tiny-vision")
     build_vision_model(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA, a server certificate for localhost and 127.0.0.1, and a client certificate."""
+    return build_pki(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

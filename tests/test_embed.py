@@ -108,6 +108,8 @@ async def test_get_model_info_describes_models_preprocessing_and_limits(stub: St
     assert prep.rescale_factor == pytest.approx(1 / 255)
     assert tiny.preprocessing.mean[0] == pytest.approx(0.48145466)
     assert info.limits.max_batch_images == 16
+    assert info.limits.stream_window == 16
+    assert info.limits.max_queue_size == 256
     assert info.limits.max_image_bytes > 0
     assert info.limits.max_image_pixels > 0
     assert info.limits.max_receive_message_bytes >= info.limits.max_image_bytes

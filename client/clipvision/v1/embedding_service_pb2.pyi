@@ -538,6 +538,8 @@ class Limits(_message.Message):
     MAX_RECEIVE_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
     MAX_IMAGE_BYTES_FIELD_NUMBER: _builtins.int
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _builtins.int
+    STREAM_WINDOW_FIELD_NUMBER: _builtins.int
+    MAX_QUEUE_SIZE_FIELD_NUMBER: _builtins.int
     max_batch_images: _builtins.int
     """The largest number of images one EmbedImagesRequest may carry."""
     max_receive_message_bytes: _builtins.int
@@ -548,6 +550,14 @@ class Limits(_message.Message):
     """The largest decoded image, in pixels (width times height), that the
     server accepts.
     """
+    stream_window: _builtins.int
+    """The number of items one EmbedImageStream may have in flight before the
+    server stops reading it; a client gains nothing by sending further ahead.
+    """
+    max_queue_size: _builtins.int
+    """The number of images per model the server admits before unary calls get
+    RESOURCE_EXHAUSTED.
+    """
     def __init__(
         self,
         *,
@@ -555,10 +565,12 @@ class Limits(_message.Message):
         max_receive_message_bytes: _builtins.int = ...,
         max_image_bytes: _builtins.int = ...,
         max_image_pixels: _builtins.int = ...,
+        stream_window: _builtins.int = ...,
+        max_queue_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_images", b"max_batch_images", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_receive_message_bytes", b"max_receive_message_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_images", b"max_batch_images", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_queue_size", b"max_queue_size", "max_receive_message_bytes", b"max_receive_message_bytes", "stream_window", b"stream_window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -122,6 +122,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 max_receive_message_bytes=settings.max_message_bytes,
                 max_image_bytes=limits.max_image_bytes,
                 max_image_pixels=limits.max_image_pixels,
+                stream_window=settings.stream_window,
+                max_queue_size=settings.max_queue_size,
             ),
         )
 

@@ -1,0 +1,108 @@
+"""What the sync and the async client share: their options and how inputs become messages."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from clipvision.client._channel import (
+    DEFAULT_KEEPALIVE_TIME_S,
+    DEFAULT_KEEPALIVE_TIMEOUT_S,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_TARGET,
+    ChannelConfig,
+)
+from clipvision.client._errors import ClipVisionError
+from clipvision.client._images import ImageInput, to_image
+from clipvision.v1 import embedding_service_pb2 as pb
+
+DEFAULT_TIMEOUT_S = 60.0
+# The server's default --stream-window: more in flight only waits in its queue.
+DEFAULT_STREAM_WINDOW = 64
+
+
+class ClientBase:
+    """The options both clients take; the subclasses open the channel."""
+
+    def __init__(
+        self,
+        address: str = DEFAULT_TARGET,
+        *,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        token: str | None = None,
+        server_name: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT_S,
+        stream_window: int = DEFAULT_STREAM_WINDOW,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        keepalive_time_s: float = DEFAULT_KEEPALIVE_TIME_S,
+        keepalive_timeout_s: float = DEFAULT_KEEPALIVE_TIMEOUT_S,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        """Configure the connection; nothing is dialled until the first call.
+
+        ``address`` is ``HOST:PORT``, a gRPC URI such as ``dns:///HOST:PORT``
+        (balanced round-robin over every address the name resolves to), or a
+        comma-separated list of ``IP:PORT``. ``tls`` turns on TLS, verified
+        against ``root_certificates`` (PEM; the system roots when None), with
+        ``private_key`` and ``certificate_chain`` for mutual TLS and
+        ``server_name`` to override the name checked in the server's
+        certificate. ``token`` is sent as ``authorization: Bearer`` on every
+        call, over TLS (or in plaintext to a loopback address or unix socket
+        only). ``timeout`` is the deadline, in seconds, of each
+        unary call (None: no deadline). ``stream_window`` bounds the images
+        ``embed_images`` has in flight. ``max_message_bytes`` must match the
+        server's ``--max-message-bytes``. Calls that fail with UNAVAILABLE are
+        retried, up to ``max_attempts`` attempts in all. ``keepalive_time_s``
+        must not be below the server's minimum ping interval (5 minutes unless
+        the server sets one). ``options`` are extra gRPC channel arguments.
+        """
+        self._config = ChannelConfig(
+            address=address,
+            tls=tls,
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+            token=token,
+            server_name=server_name,
+            max_message_bytes=max_message_bytes,
+            max_attempts=max_attempts,
+            keepalive_time_s=keepalive_time_s,
+            keepalive_timeout_s=keepalive_timeout_s,
+            extra_options=tuple(options),
+        )
+        if stream_window < 1:
+            raise ValueError("stream_window must be at least 1")
+        self._timeout = timeout
+        self._stream_window = stream_window
+        self._closed = False
+        self._connect()
+
+    def _connect(self) -> None:
+        """Create the channel and the stub (the subclass knows which kind)."""
+        raise NotImplementedError
+
+    @property
+    def address(self) -> str:
+        """The address the client was given."""
+        return self._config.address
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"this {type(self).__name__} is closed")
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self._timeout if timeout is None else timeout
+
+    def _image(self, image: ImageInput) -> pb.Image:
+        return to_image(image, self._config.max_message_bytes)
+
+    def _image_or_error(self, image: ImageInput) -> pb.Image | ClipVisionError:
+        try:
+            return self._image(image)
+        except ClipVisionError as error:
+            return error

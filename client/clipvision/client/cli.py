@@ -1,0 +1,324 @@
+"""The ``clipvision`` command: ``embed`` files and folders into .npy + index, ``info`` on a server.
+
+Exit status: 0 when every file is embedded; 1 when some file failed, the
+stream broke or the server cannot be reached (what was done is kept; rerun the
+same command to resume); 2 for a usage error or an output that cannot be used;
+130 when interrupted (rerun to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from google.protobuf import json_format
+
+from clipvision.client._base import DEFAULT_STREAM_WINDOW, DEFAULT_TIMEOUT_S
+from clipvision.client._channel import DEFAULT_TARGET
+from clipvision.client._client import EmbeddingClient
+from clipvision.client._discovery import image_files
+from clipvision.client._errors import ClipVisionError
+from clipvision.client._ingest import IngestReport, ingest
+from clipvision.client._store import EmbeddingStore, StoreError
+from clipvision.v1 import embedding_service_pb2 as pb
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DEFAULT_COMMIT_EVERY = 256
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``clipvision``."""
+    connection = argparse.ArgumentParser(add_help=False)
+    group = connection.add_argument_group("connection")
+    group.add_argument(
+        "--server",
+        default=os.environ.get("CLIPVISION_SERVER", DEFAULT_TARGET),
+        metavar="ADDRESS",
+        help="HOST:PORT, dns:///NAME:PORT or IP:PORT,IP:PORT (round-robin) "
+        f"[env CLIPVISION_SERVER] (default: {DEFAULT_TARGET})",
+    )
+    group.add_argument("--tls", action="store_true", help="connect with TLS")
+    group.add_argument("--ca-cert", type=Path, help="PEM roots to verify the server (with --tls)")
+    group.add_argument("--client-cert", type=Path, help="PEM certificate chain for mutual TLS")
+    group.add_argument("--client-key", type=Path, help="PEM private key for mutual TLS")
+    group.add_argument("--server-name", help="the name to verify in the server's certificate")
+    group.add_argument(
+        "--token-file",
+        type=Path,
+        help="a file holding a bearer token, sent over --tls (or in plaintext to a loopback "
+        "address) [env CLIPVISION_TOKEN holds the token itself]",
+    )
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="deadline in seconds of each single call (default: %(default)s)",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="clipvision", description="Client of a clipvision embedding server."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    embed = commands.add_parser(
+        "embed",
+        parents=[connection],
+        help="embed image files and folders into OUT.npy with an OUT.jsonl index",
+        description="Embed image files, and the image files found recursively in folders, "
+        "through one stream. Writes OUT.npy (float32, one row per embedded file) and OUT.jsonl "
+        "(one line per file: its path and row, or why it failed). Rerunning the same command "
+        "resumes: files already in the output are skipped.",
+    )
+    embed.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders")
+    embed.add_argument("--out", required=True, type=Path, help="the embeddings file, OUT.npy")
+    embed.add_argument("--model", help="a served model (default: the server's default model)")
+    embed.add_argument(
+        "--raw",
+        action="store_true",
+        help="store the raw projected features instead of L2-normalised vectors",
+    )
+    embed.add_argument(
+        "--window",
+        type=_positive_int,
+        default=DEFAULT_STREAM_WINDOW,
+        help="images in flight at once (default: %(default)s)",
+    )
+    embed.add_argument(
+        "--commit-every",
+        type=_positive_int,
+        default=DEFAULT_COMMIT_EVERY,
+        help="write results to disk every N files (and at least every 2 s) (default: %(default)s)",
+    )
+    embed.add_argument(
+        "--overwrite", action="store_true", help="start OUT afresh instead of resuming it"
+    )
+    embed.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (default: on a terminal)"
+    )
+
+    info = commands.add_parser(
+        "info",
+        parents=[connection],
+        help="describe the served models and the server's limits",
+        description="Describe the served models, their preprocessing and the server's limits.",
+    )
+    info.add_argument("--json", action="store_true", help="print the GetModelInfo response as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        client = _client(args)
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
+    with client:
+        try:
+            if args.command == "info":
+                return _info(client, args)
+            return _embed(client, args)
+        except KeyboardInterrupt:
+            _say("interrupted; rerun the same command to resume")
+            return EXIT_INTERRUPTED
+
+
+def _client(args: argparse.Namespace) -> EmbeddingClient:
+    def read(path: Path | None) -> bytes | None:
+        return path.read_bytes() if path is not None else None
+
+    token = os.environ.get("CLIPVISION_TOKEN") or None
+    if args.token_file is not None:
+        token = args.token_file.read_text().strip()
+    return EmbeddingClient(
+        args.server,
+        tls=args.tls,
+        root_certificates=read(args.ca_cert),
+        certificate_chain=read(args.client_cert),
+        private_key=read(args.client_key),
+        server_name=args.server_name,
+        token=token,
+        timeout=args.timeout,
+        stream_window=getattr(args, "window", DEFAULT_STREAM_WINDOW),
+    )
+
+
+def _info(client: EmbeddingClient, args: argparse.Namespace) -> int:
+    try:
+        info = client.model_info()
+    except ClipVisionError as error:
+        _say(f"cannot get the model info from {args.server}: {error}")
+        return EXIT_FAILED
+    if args.json:
+        print(json_format.MessageToJson(info, preserving_proto_field_name=True))
+        return EXIT_OK
+    print(f"server {args.server}")
+    for model in info.models:
+        print(_describe_model(model))
+    limits = info.limits
+    print(
+        f"limits: {limits.max_batch_images} images per EmbedImages call, messages up to "
+        f"{_mib(limits.max_receive_message_bytes)}, images up to "
+        f"{_mib(limits.max_image_bytes)} and {limits.max_image_pixels:,} pixels"
+    )
+    return EXIT_OK
+
+
+def _describe_model(model: pb.ModelInfo) -> str:
+    flags = [
+        flag
+        for flag, on in (("default", model.is_default), ("dummy weights", model.dummy_weights))
+        if on
+    ]
+    name = f"model {model.name}" + (f" ({', '.join(flags)})" if flags else "")
+    if not model.loaded:
+        return f"{name}: not loaded yet; source {model.source}"
+    pre = model.preprocessing
+    interpolation = pb.Interpolation.Name(pre.interpolation).removeprefix("INTERPOLATION_")
+    return (
+        f"{name}: {model.embedding_dimension}-d, {model.image_size} px, {model.dtype} on "
+        f"{model.device}; source {model.source}\n"
+        f"  preprocessing: shortest edge {pre.resize_shortest_edge} px ({interpolation.lower()}), "
+        f"centre crop {pre.crop_width}x{pre.crop_height}, mean {_floats(pre.mean)}, "
+        f"std {_floats(pre.std)}"
+    )
+
+
+def _embed(client: EmbeddingClient, args: argparse.Namespace) -> int:
+    try:
+        files = image_files(args.paths)
+    except FileNotFoundError as exc:
+        _say(str(exc))
+        return EXIT_USAGE
+    try:
+        info = client.model_info()
+    except ClipVisionError as error:
+        _say(f"cannot reach the server at {args.server}: {error}")
+        return EXIT_FAILED
+    model = _served_model(info, args.model)
+    if model is None:
+        served = ", ".join(m.name for m in info.models)
+        _say(f"the server does not serve model {args.model!r}; it serves: {served}")
+        return EXIT_USAGE
+    try:
+        store = EmbeddingStore.open(
+            args.out, model=model, normalized=not args.raw, overwrite=args.overwrite
+        )
+    except StoreError as exc:
+        _say(str(exc))
+        return EXIT_USAGE
+    except OSError as exc:
+        _say(f"cannot open {args.out}: {exc.strerror or exc}")
+        return EXIT_USAGE
+    stop = threading.Event()
+    restore = _stop_on_signals(stop)
+    try:
+        if store.repaired:
+            _say(f"{args.out}: cut off the partial write of an interrupted run")
+        done = sum(path in store.entries for path in files)
+        _say(f"{len(files)} files; {done} already in {args.out}; embedding {len(files) - done}")
+        try:
+            report = ingest(
+                client,
+                store,
+                files,
+                model=model,
+                normalize=not args.raw,
+                commit_every=args.commit_every,
+                progress=False if args.no_progress else None,
+                stop=stop,
+            )
+        except OSError as exc:  # a full disk, say: what was committed stays valid
+            _say(f"cannot write {args.out}: {exc.strerror or exc}; fix that and rerun to resume")
+            return EXIT_FAILED
+        return _summarise(report, store, files)
+    finally:
+        restore()
+        store.close()
+
+
+def _served_model(info: pb.GetModelInfoResponse, wanted: str | None) -> str | None:
+    for model in info.models:
+        if model.name == wanted or (wanted is None and model.is_default):
+            return model.name
+    if wanted is None and info.models:
+        return info.models[0].name
+    return None
+
+
+def _summarise(report: IngestReport, store: EmbeddingStore, files: Sequence[str]) -> int:
+    failed = [
+        (path, entry)
+        for path in files
+        if (entry := store.entries.get(path)) is not None and entry.status == "failed"
+    ]
+    _say(
+        f"embedded {report.embedded}, failed {len(report.failed)}, skipped {report.skipped} "
+        f"(already done); {store.npy_path} has {store.rows} rows, indexed in {store.index_path}"
+    )
+    if failed:
+        _say(f'{len(failed)} files cannot be embedded (status "failed" in the index):')
+        for path, entry in failed:
+            _say(f"  {path}: {entry.reason}: {entry.message}")
+    if report.not_done:
+        _say(f"{len(report.not_done)} files were not embedded this time; rerun to retry them:")
+        for path, error in report.not_done:
+            _say(f"  {path}: {error}")
+    if report.interrupted:
+        _say("interrupted; rerun the same command to resume")
+        return EXIT_INTERRUPTED
+    if report.stream_error is not None:
+        _say(f"the stream failed: {report.stream_error}; rerun the same command to resume")
+        return EXIT_FAILED
+    return EXIT_FAILED if failed or report.not_done else EXIT_OK
+
+
+def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
+    """First SIGINT or SIGTERM: finish the current file, save and stop. Second: stop at once."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        _say("stopping after the current file (again to stop at once)")
+
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, handler)
+
+    def restore() -> None:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+    return restore
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f} MiB"
+
+
+def _floats(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{value:.4g}" for value in values) + ")"
+
+
+def _say(message: str) -> None:
+    print(f"clipvision: {message}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
