@@ -13,7 +13,7 @@ from clipvision.client._base import ClientBase
 from clipvision.client._errors import ClipVisionError, error_from_rpc_error
 from clipvision.client._images import ImageInput
 from clipvision.client._messages import FloatArray, Result, embed_image_request, to_vector
-from clipvision.client._ordering import StreamWindow
+from clipvision.client._ordering import StreamRestarts, StreamWindow, stream_error
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 
@@ -130,15 +130,22 @@ class AsyncEmbeddingClient(ClientBase):
         """Embed many images through one EmbedImageStream, yielding results in input order.
 
         ``images`` may be a plain or an async iterable; otherwise the same as
-        EmbeddingClient.embed_images. Wrap the iterator in
+        EmbeddingClient.embed_images (streams broken by UNAVAILABLE are resumed
+        the same way). Wrap the iterator in
         ``contextlib.aclosing`` when you may stop early, so the call ends at once.
         """
         self._check_open()
         window = StreamWindow(self._stream_window, model, normalize)
-        outbox: asyncio.Queue[pb.EmbedImageStreamRequest | None] = asyncio.Queue()
-        call: _StreamCall | None = None
+        restarts = StreamRestarts(self._max_stream_restarts)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        stream: _AsyncStream | None = None
         source = _aiter(images)
         exhausted = False
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(0.0, deadline - loop.time())
+
         try:
             while True:
                 while not exhausted and not window.full:
@@ -146,26 +153,39 @@ class AsyncEmbeddingClient(ClientBase):
                         item = await anext(source)
                     except StopAsyncIteration:
                         exhausted = True
-                        outbox.put_nowait(None)
+                        if stream is not None:
+                            stream.close_sending()
                         break
                     request = window.add(await self._image_or_error_async(item))
                     if request is not None:
-                        if call is None:
-                            call = self._stub.EmbedImageStream(_drain(outbox), timeout=timeout)
-                        outbox.put_nowait(request)
+                        if stream is None:
+                            stream = _AsyncStream(self._stub, [], remaining(), done=False)
+                        stream.send(request)
                 result: Result | None = window.pop_refused()
                 if result is None:
                     if not window:
                         return
-                    assert call is not None  # a request is due, so one was sent
-                    result = window.match(await _next_response(call, window))
+                    assert stream is not None  # a request is due, so one was sent
+                    try:
+                        response = await stream.next_response(window)
+                    except grpc.RpcError as exc:
+                        delay = restarts.next_delay(exc, window)
+                        if delay is None:
+                            raise stream_error(exc) from exc
+                        stream.cancel()
+                        await asyncio.sleep(delay)
+                        stream = _AsyncStream(
+                            self._stub, window.unanswered_requests(), remaining(), done=exhausted
+                        )
+                        continue
+                    restarts.answered()
+                    result = window.match(response)
                 if isinstance(result, ClipVisionError) and not return_exceptions:
                     raise result
                 yield result
         finally:
-            outbox.put_nowait(None)
-            if call is not None:
-                call.cancel()
+            if stream is not None:
+                stream.cancel()
             await source.aclose()
 
     async def _image_async(self, image: ImageInput) -> pb.Image:
@@ -192,21 +212,47 @@ async def _aiter(
             yield item
 
 
+class _AsyncStream:
+    """One EmbedImageStream call, fed from a queue, and its responses."""
+
+    def __init__(
+        self,
+        stub: EmbeddingServiceAsyncStub,
+        requests: list[pb.EmbedImageStreamRequest],
+        timeout: float | None,
+        *,
+        done: bool,
+    ) -> None:
+        self._outbox: asyncio.Queue[pb.EmbedImageStreamRequest | None] = asyncio.Queue()
+        for request in requests:
+            self._outbox.put_nowait(request)
+        if done:
+            self._outbox.put_nowait(None)
+        self._call: _StreamCall = stub.EmbedImageStream(_drain(self._outbox), timeout=timeout)
+
+    def send(self, request: pb.EmbedImageStreamRequest) -> None:
+        """Queue one request for sending."""
+        self._outbox.put_nowait(request)
+
+    def close_sending(self) -> None:
+        """Half-close: no more requests follow."""
+        self._outbox.put_nowait(None)
+
+    async def next_response(self, window: StreamWindow) -> pb.EmbedImageStreamResponse:
+        """The next response; raises grpc.RpcError when the call fails."""
+        response = await self._call.read()
+        if response is grpc.aio.EOF:  # type: ignore[attr-defined]
+            raise window.unanswered()
+        return response  # type: ignore[return-value]
+
+    def cancel(self) -> None:
+        """End the call (a no-op on a finished one)."""
+        self._outbox.put_nowait(None)
+        self._call.cancel()
+
+
 async def _drain(
     outbox: asyncio.Queue[pb.EmbedImageStreamRequest | None],
 ) -> AsyncIterator[pb.EmbedImageStreamRequest]:
     while (request := await outbox.get()) is not None:
         yield request
-
-
-async def _next_response(
-    call: _StreamCall,
-    window: StreamWindow,
-) -> pb.EmbedImageStreamResponse:
-    try:
-        response = await call.read()
-    except grpc.RpcError as exc:
-        raise error_from_rpc_error(exc) from exc
-    if response is grpc.aio.EOF:  # type: ignore[attr-defined]
-        raise window.unanswered()
-    return response  # type: ignore[return-value]

@@ -18,6 +18,8 @@ from clipvision.client._images import ImageInput, to_image
 from clipvision.v1 import embedding_service_pb2 as pb
 
 DEFAULT_TIMEOUT_S = 60.0
+# Consecutive stream restarts without an answer in between (see StreamRestarts).
+DEFAULT_MAX_STREAM_RESTARTS = 3
 # The server's default --stream-window: more in flight only waits in its queue.
 DEFAULT_STREAM_WINDOW = 64
 
@@ -39,6 +41,7 @@ class ClientBase:
         stream_window: int = DEFAULT_STREAM_WINDOW,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        max_stream_restarts: int = DEFAULT_MAX_STREAM_RESTARTS,
         keepalive_time_s: float = DEFAULT_KEEPALIVE_TIME_S,
         keepalive_timeout_s: float = DEFAULT_KEEPALIVE_TIMEOUT_S,
         options: Sequence[tuple[str, Any]] = (),
@@ -57,9 +60,12 @@ class ClientBase:
         unary call (None: no deadline). ``stream_window`` bounds the images
         ``embed_images`` has in flight. ``max_message_bytes`` must match the
         server's ``--max-message-bytes``. Calls that fail with UNAVAILABLE are
-        retried, up to ``max_attempts`` attempts in all. ``keepalive_time_s``
-        must not be below the server's minimum ping interval (5 minutes unless
-        the server sets one). ``options`` are extra gRPC channel arguments.
+        retried, up to ``max_attempts`` attempts in all; an ``embed_images``
+        stream that breaks with UNAVAILABLE is resumed on a new stream, up to
+        ``max_stream_restarts`` times in a row (0: never). ``keepalive_time_s``
+        must not be below the server's minimum ping interval (30 s for
+        clipvision-server; 5 minutes for a gRPC server that sets none).
+        ``options`` are extra gRPC channel arguments.
         """
         self._config = ChannelConfig(
             address=address,
@@ -77,6 +83,9 @@ class ClientBase:
         )
         if stream_window < 1:
             raise ValueError("stream_window must be at least 1")
+        if max_stream_restarts < 0:
+            raise ValueError("max_stream_restarts must not be negative")
+        self._max_stream_restarts = max_stream_restarts
         self._timeout = timeout
         self._stream_window = stream_window
         self._closed = False

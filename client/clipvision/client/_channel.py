@@ -21,13 +21,13 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 # The server's default --max-message-bytes; a client that accepts less would fail
 # on answers the server is allowed to send.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * MIB
-# gRPC servers that set no keepalive policy (the clipvision server among them)
-# allow one ping per 5 minutes on a connection that carries no data
-# (grpc.http2.min_ping_interval_without_data_ms) and answer a third ping that
-# comes sooner with GOAWAY ENHANCE_YOUR_CALM, which fails every call on the
-# connection. 5 minutes is therefore the shortest interval that is safe against
-# any such server; lower it only for a server that permits more frequent pings.
-DEFAULT_KEEPALIVE_TIME_S = 300.0
+# A client ping more frequent than the server's minimum ping interval
+# (grpc.http2.min_ping_interval_without_data_ms) is answered, the third time, with
+# GOAWAY ENHANCE_YOUR_CALM, which fails every call on the connection.
+# clipvision-server allows one every 30 s (--min-ping-interval), so 60 s is safe
+# against it; a gRPC server that sets no policy allows one per 5 minutes: pass
+# keepalive_time_s=300 for such a server.
+DEFAULT_KEEPALIVE_TIME_S = 60.0
 DEFAULT_KEEPALIVE_TIMEOUT_S = 20.0
 # gRPC caps retries at 5 attempts whatever the service config says.
 DEFAULT_MAX_ATTEMPTS = 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import time
 from collections.abc import Generator, Iterable, Iterator
 from types import TracebackType
 from typing import Literal, overload
@@ -13,7 +14,7 @@ from clipvision.client._base import ClientBase
 from clipvision.client._errors import ClipVisionError, error_from_rpc_error
 from clipvision.client._images import ImageInput
 from clipvision.client._messages import FloatArray, Result, embed_image_request, to_vector
-from clipvision.client._ordering import StreamWindow
+from clipvision.client._ordering import StreamRestarts, StreamWindow, stream_error
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 
@@ -130,11 +131,9 @@ class EmbeddingClient(ClientBase):
         """
         self._check_open()
         window = StreamWindow(self._stream_window, model, normalize)
-        # The gRPC thread sends from this queue; this generator fills it, so the
-        # caller's iterable is only ever touched from the caller's thread.
-        outbox: queue.SimpleQueue[pb.EmbedImageStreamRequest | None] = queue.SimpleQueue()
-        call: grpc.CallIterator[pb.EmbedImageStreamResponse] | None = None
-        responses: Iterator[pb.EmbedImageStreamResponse] = iter(())
+        restarts = StreamRestarts(self._max_stream_restarts)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        stream: _Stream | None = None
         source = iter(images)
         exhausted = False
         try:
@@ -144,36 +143,90 @@ class EmbeddingClient(ClientBase):
                         item = next(source)
                     except StopIteration:
                         exhausted = True
-                        outbox.put(None)
+                        if stream is not None:
+                            stream.close_sending()
                         break
                     request = window.add(self._image_or_error(item))
                     if request is not None:
-                        if call is None:
-                            call = self._stub.EmbedImageStream(
-                                iter(outbox.get, None), timeout=timeout
-                            )
-                            responses = iter(call)
-                        outbox.put(request)
+                        if stream is None:
+                            stream = _Stream(self._stub, [], _remaining(deadline), done=False)
+                        stream.send(request)
                 result: Result | None = window.pop_refused()
                 if result is None:
                     if not window:
                         return
-                    result = window.match(self._next_response(responses, window))
+                    assert stream is not None  # a request is due, so one was sent
+                    try:
+                        response = stream.next_response(window)
+                    except grpc.RpcError as exc:
+                        delay = restarts.next_delay(exc, window)
+                        if delay is None:
+                            raise stream_error(exc) from exc
+                        stream.cancel()
+                        time.sleep(delay)
+                        stream = _Stream(
+                            self._stub,
+                            window.unanswered_requests(),
+                            _remaining(deadline),
+                            done=exhausted,
+                        )
+                        continue
+                    restarts.answered()
+                    result = window.match(response)
                 if isinstance(result, ClipVisionError) and not return_exceptions:
                     raise result
                 yield result
         finally:
-            outbox.put(None)
-            if call is not None:
-                call.cancel()  # type: ignore[no-untyped-call]
+            if stream is not None:
+                stream.cancel()
 
-    @staticmethod
-    def _next_response(
-        responses: Iterator[pb.EmbedImageStreamResponse], window: StreamWindow
-    ) -> pb.EmbedImageStreamResponse:
+
+class _Stream:
+    """One EmbedImageStream call: a queue that a gRPC thread sends from, and its responses.
+
+    The caller's iterable is only ever touched from the caller's thread; the
+    queue hands its requests over.
+    """
+
+    def __init__(
+        self,
+        stub: pb_grpc.EmbeddingServiceStub,
+        requests: list[pb.EmbedImageStreamRequest],
+        timeout: float | None,
+        *,
+        done: bool,
+    ) -> None:
+        self._outbox: queue.SimpleQueue[pb.EmbedImageStreamRequest | None] = queue.SimpleQueue()
+        for request in requests:
+            self._outbox.put(request)
+        if done:
+            self._outbox.put(None)
+        self._call: grpc.CallIterator[pb.EmbedImageStreamResponse] = stub.EmbedImageStream(
+            iter(self._outbox.get, None), timeout=timeout
+        )
+        self._responses: Iterator[pb.EmbedImageStreamResponse] = iter(self._call)
+
+    def send(self, request: pb.EmbedImageStreamRequest) -> None:
+        """Queue one request for sending."""
+        self._outbox.put(request)
+
+    def close_sending(self) -> None:
+        """Half-close: no more requests follow."""
+        self._outbox.put(None)
+
+    def next_response(self, window: StreamWindow) -> pb.EmbedImageStreamResponse:
+        """The next response; raises grpc.RpcError when the call fails."""
         try:
-            return next(responses)
+            return next(self._responses)
         except StopIteration:
             raise window.unanswered() from None
-        except grpc.RpcError as exc:
-            raise error_from_rpc_error(exc) from exc
+
+    def cancel(self) -> None:
+        """End the call (a no-op on a finished one)."""
+        self._outbox.put(None)
+        self._call.cancel()  # type: ignore[no-untyped-call]
+
+
+def _remaining(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (time.monotonic()), for a call resumed part-way."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())

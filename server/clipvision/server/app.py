@@ -30,6 +30,28 @@ from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 
+def connection_options(settings: Settings) -> list[tuple[str, int]]:
+    """Keepalive and connection age: find dead peers, let clients ping, spread load.
+
+    A connection older than ``max_connection_age`` gets a GOAWAY, so clients
+    reconnect and re-resolve, and replicas added since then get their share;
+    calls on it have ``max_connection_age_grace`` more to finish.
+    """
+    options = [
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+        # Clients may ping this often while calls are open (the Python client: every 60 s);
+        # more often is answered with GOAWAY ENHANCE_YOUR_CALM.
+        ("grpc.http2.min_ping_interval_without_data_ms", int(settings.min_ping_interval_s * 1000)),
+    ]
+    if settings.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
+        ]
+    return options
+
+
 class ClipVisionServer:
     """A built server and everything it owns: models, thread pools and health."""
 
@@ -45,7 +67,8 @@ class ClipVisionServer:
         self.registry = ModelRegistry(settings, self._device_executor, observer=self.metrics)
         self.health = HealthReporter()
         self.watchdog = DeviceWatchdog(self.registry, self.health, settings.watchdog_timeout_s)
-        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor()]  # type: ignore[type-arg]
+        self.metrics.watch_devices(self.registry.devices)
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor(self.metrics)]  # type: ignore[type-arg]
         if settings.auth_token:
             interceptors.insert(0, BearerTokenInterceptor(settings.auth_token))
         self.grpc_server = grpc.aio.server(
@@ -53,13 +76,14 @@ class ClipVisionServer:
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
+                *connection_options(settings),
             ],
             # Each call may hold a whole message in memory; this bounds their number.
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         self.sources = ImageSources(settings.image_limits, settings.fetch_policy)
         servicer = EmbeddingServicer(
-            settings, self.registry, self._preprocess_executor, self.sources
+            settings, self.registry, self._preprocess_executor, self.sources, self.metrics
         )
         pb_grpc.add_EmbeddingServiceServicer_to_server(servicer, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.grpc_server)

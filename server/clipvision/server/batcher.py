@@ -83,10 +83,23 @@ class Capacity:
                 waiter.set_result(None)
 
 
+@dataclass(frozen=True)
+class Embedded:
+    """One image's raw features and where its time went in the batcher."""
+
+    features: FloatArray
+    queue_s: float
+    """From submission to the start of the batch it went in."""
+    inference_s: float
+    """Device time of that batch (forward and copy to host), which the image shared."""
+
+
 @dataclass
 class _Item:
     pixels: UInt8Array
-    future: asyncio.Future[FloatArray] = field(repr=False)
+    future: asyncio.Future[Embedded] = field(repr=False)
+    # perf_counter() at submission: the queue wait is measured per image, not per batch.
+    enqueued: float = field(default_factory=time.perf_counter)
 
 
 class MicroBatcher:
@@ -172,9 +185,9 @@ class MicroBatcher:
         self.capacity.give(1)
         self._report_depth()
 
-    async def submit(self, pixels: UInt8Array) -> FloatArray:
-        """Embed one preprocessed image; returns its raw projected features."""
-        future: asyncio.Future[FloatArray] = asyncio.get_running_loop().create_future()
+    async def submit(self, pixels: UInt8Array) -> Embedded:
+        """Embed one preprocessed image; returns its raw projected features and timings."""
+        future: asyncio.Future[Embedded] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Item(pixels, future))
         return await future
 
@@ -211,8 +224,9 @@ class MicroBatcher:
         return [item for item in batch if not item.future.done()]
 
     async def _compute(self, batch: list[_Item]) -> None:
+        started = time.perf_counter()
         try:
-            rows = await self._embed([item.pixels for item in batch])
+            rows, seconds = await self._embed([item.pixels for item in batch])
         except Exception:
             if len(batch) == 1:
                 logger.exception(
@@ -229,9 +243,9 @@ class MicroBatcher:
             return
         for item, row in zip(batch, rows, strict=True):
             if not item.future.done():
-                item.future.set_result(row)
+                item.future.set_result(Embedded(row, started - item.enqueued, seconds))
 
-    async def _embed(self, pixels: list[UInt8Array]) -> FloatArray:
+    async def _embed(self, pixels: list[UInt8Array]) -> tuple[FloatArray, float]:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         stacked = np.stack(pixels)
@@ -249,7 +263,7 @@ class MicroBatcher:
         self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * seconds / len(pixels)
         if self._observer is not None:
             self._observer.on_batch(self._encoder.name, len(pixels), seconds)
-        return rows
+        return rows, seconds
 
 
 def _fail(item: _Item, error: Exception) -> None:

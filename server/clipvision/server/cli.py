@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 
+from clipvision.server.logs import configure_logging
 from clipvision.server.settings import parse_settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags and environment, configure logging, serve until signalled."""
     settings = parse_settings(argv)
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(settings.log_level, settings.log_format)
     # Import after logging is set up: torch and transformers are slow to import.
     from clipvision.server.app import serve
 

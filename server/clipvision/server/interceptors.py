@@ -1,7 +1,13 @@
-"""The one place where domain errors become gRPC statuses with google.rpc.Status details."""
+"""The one place where domain errors become gRPC statuses with google.rpc.Status details.
+
+The same interceptor keeps each call's books: its request id (the caller's
+``x-request-id`` or a new one), the stage timings in trailing metadata, the
+``clipvision_requests_total`` count, and one log line for each failed call.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -11,6 +17,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from clipvision.server.calls import CallRecord, open_call, request_id_from
 from clipvision.server.errors import (
     ERROR_DOMAIN,
     ClipVisionError,
@@ -18,6 +25,7 @@ from clipvision.server.errors import (
     OverloadedError,
     Reason,
 )
+from clipvision.server.metrics import ServerMetrics
 from clipvision.v1 import embedding_service_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
@@ -49,7 +57,12 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-
 
     Unexpected exceptions are logged with their traceback and never shown to the
     caller; cancellation and statuses already set by grpc pass through untouched.
+    Every EmbeddingService call also gets a request id, trailing metadata with
+    its timings, a count in ``metrics`` and, when it fails, one log line.
     """
+
+    def __init__(self, metrics: ServerMetrics | None = None) -> None:
+        self._metrics = metrics
 
     async def intercept_service(
         self,
@@ -63,28 +76,120 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-
         # Health and reflection keep their own semantics; only our service is mapped.
         if handler is None or not method.startswith(f"/{SERVICE_NAME}/"):
             return handler
+        books = _CallBooks(method.rpartition("/")[2], self._metrics)
         # RpcMethodHandler is a namedtuple; _replace swaps in the wrapped behaviour.
         replace: Callable[..., grpc.RpcMethodHandler[Any, Any]] = handler._replace  # type: ignore[attr-defined]
         if handler.unary_unary is not None:
-            return replace(unary_unary=_wrap_unary(handler.unary_unary, method))
+            return replace(unary_unary=_wrap_unary(handler.unary_unary, books))
         if handler.stream_unary is not None:
-            return replace(stream_unary=_wrap_unary(handler.stream_unary, method))
+            return replace(stream_unary=_wrap_unary(handler.stream_unary, books))
         if handler.unary_stream is not None:
-            return replace(unary_stream=_wrap_stream(handler.unary_stream, method))
+            return replace(unary_stream=_wrap_stream(handler.unary_stream, books))
         if handler.stream_stream is not None:
-            return replace(stream_stream=_wrap_stream(handler.stream_stream, method))
+            return replace(stream_stream=_wrap_stream(handler.stream_stream, books))
         return handler
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: Exception, method: str) -> None:
-    if isinstance(exc, ClipVisionError) and not isinstance(exc, InternalError):
-        error: ClipVisionError = exc
-        logger.info("%s failed: %s %s", method, error.code.name, error.reason.value)
-    else:
-        logger.error("%s failed with an unexpected error", method, exc_info=exc)
-        error = GENERIC_INTERNAL
-    status = rich_status(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
+# Failures the caller caused are routine (INFO); capacity and availability are the
+# operator's concern (WARNING); INTERNAL is a bug and is logged with its traceback.
+_CALLER_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
+
+
+class _CallBooks:
+    """Opens each call's record and closes it with metadata, a count and a log line."""
+
+    def __init__(self, method: str, metrics: ServerMetrics | None) -> None:
+        self.method = method
+        self._metrics = metrics
+
+    def open(self, context: grpc.aio.ServicerContext[Any, Any]) -> CallRecord:
+        return open_call(self.method, request_id_from(context.invocation_metadata()))
+
+    def succeeded(self, record: CallRecord, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        context.set_trailing_metadata(record.trailing_metadata())
+        self._count(record, grpc.StatusCode.OK)
+
+    async def failed(
+        self, record: CallRecord, context: grpc.aio.ServicerContext[Any, Any], exc: Exception
+    ) -> None:
+        """Log and count the failure, then abort with its status (this raises)."""
+        if isinstance(exc, ClipVisionError) and not isinstance(exc, InternalError):
+            error: ClipVisionError = exc
+            self._log(record, _status_code(int(error.code)), error.reason.value)
+        else:
+            error = GENERIC_INTERNAL
+            self._log(record, _status_code(int(error.code)), error.reason.value, exc)
+        self._count(record, _status_code(int(error.code)))
+        status = rich_status(error)
+        await context.abort(
+            status.code, status.details, (*status.trailing_metadata, *record.trailing_metadata())
+        )
+
+    def ended(
+        self, record: CallRecord, context: grpc.aio.ServicerContext[Any, Any], cancelled: bool
+    ) -> None:
+        """A call that ended without our mapping: cancelled, or a status grpc set itself."""
+        if cancelled:
+            expired = (context.time_remaining() or 1.0) <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+        else:
+            code = _status_code(context.code())
+        self._log(record, code, "")
+        self._count(record, code)
+
+    def _count(self, record: CallRecord, code: grpc.StatusCode) -> None:
+        if self._metrics is not None:
+            self._metrics.on_call(self.method, code.name, record.elapsed_s)
+
+    def _log(
+        self,
+        record: CallRecord,
+        code: grpc.StatusCode,
+        reason: str,
+        exc: BaseException | None = None,
+    ) -> None:
+        if exc is not None:
+            level = logging.ERROR
+        elif code in _CALLER_CODES:
+            level = logging.INFO
+        else:
+            level = logging.WARNING
+        duration_ms = record.elapsed_s * 1000
+        logger.log(
+            level,
+            "%s failed: %s %s after %.1f ms (request id %s)",
+            self.method,
+            code.name,
+            reason or "-",
+            duration_ms,
+            record.request_id,
+            exc_info=exc,
+            extra={
+                "method": self.method,
+                "code": code.name,
+                "reason": reason,
+                "request_id": record.request_id,
+                "duration_ms": round(duration_ms, 3),
+            },
+        )
+
+
+def _status_code(code: object) -> grpc.StatusCode:
+    if isinstance(code, grpc.StatusCode):
+        return code
+    for member in grpc.StatusCode:
+        if member.value[0] == code:
+            return member
+    return grpc.StatusCode.UNKNOWN
 
 
 def _is_passthrough(exc: Exception) -> bool:
@@ -92,28 +197,45 @@ def _is_passthrough(exc: Exception) -> bool:
     return isinstance(exc, grpc.aio.AbortError | grpc.RpcError)
 
 
-def _wrap_unary(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _wrap_unary(behavior: Callable[..., Any], books: _CallBooks) -> Callable[..., Any]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        record = books.open(context)
         try:
-            return await behavior(request, context)
+            response = await behavior(request, context)
+        except asyncio.CancelledError:
+            books.ended(record, context, cancelled=True)
+            raise
         except Exception as exc:
             if _is_passthrough(exc):
+                books.ended(record, context, cancelled=False)
                 raise
-            await _abort(context, exc, method)
+            await books.failed(record, context, exc)
+        books.succeeded(record, context)
+        return response
 
     return wrapped
 
 
-def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _wrap_stream(behavior: Callable[..., Any], books: _CallBooks) -> Callable[..., Any]:
     async def wrapped(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
+        record = books.open(context)
         try:
             async for response in behavior(request, context):
                 yield response
+        except asyncio.CancelledError:
+            books.ended(record, context, cancelled=True)
+            raise
+        except GeneratorExit:
+            # The caller went away between two responses: grpc closes the generator.
+            books.ended(record, context, cancelled=True)
+            raise
         except Exception as exc:
             if _is_passthrough(exc):
+                books.ended(record, context, cancelled=False)
                 raise
-            await _abort(context, exc, method)
+            await books.failed(record, context, exc)
+        books.succeeded(record, context)
 
     return wrapped

@@ -3,11 +3,60 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from wsgiref.simple_server import WSGIServer
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from clipvision.server.calls import StageTimes
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# From a millisecond (a tiny model's preprocessing) to half a minute (a long queue).
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+MemoryStats = Callable[[torch.device], tuple[int, int]]
+
+
+def cuda_memory(device: torch.device) -> tuple[int, int]:
+    """Bytes allocated by tensors and reserved by torch's caching allocator on a CUDA device."""
+    return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+
+
+class DeviceMemoryCollector(Collector):
+    """``clipvision_device_memory_bytes``, read at scrape time for every CUDA device in use.
+
+    CPU (and MPS) devices report nothing: torch keeps no allocator statistics
+    for host memory, and the process's own resident size is what
+    ``process_resident_memory_bytes`` of a node exporter or cAdvisor shows.
+    """
+
+    def __init__(
+        self,
+        devices: Callable[[], Iterable[torch.device]],
+        stats: MemoryStats = cuda_memory,
+    ) -> None:
+        self._devices = devices
+        self._stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """One sample per CUDA device and kind (allocated, reserved); none without CUDA."""
+        family = GaugeMetricFamily(
+            "clipvision_device_memory_bytes",
+            "Device memory held by torch: allocated by tensors, reserved by its allocator.",
+            labels=["device", "kind"],
+        )
+        for device in sorted(set(self._devices()), key=str):
+            if device.type != "cuda":
+                continue
+            allocated, reserved = self._stats(device)
+            family.add_metric([str(device), "allocated"], allocated)
+            family.add_metric([str(device), "reserved"], reserved)
+        yield family
 
 
 class ServerMetrics:
@@ -40,6 +89,52 @@ class ServerMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.requests = Counter(
+            "clipvision_requests",
+            "EmbeddingService calls finished, by RPC and status code.",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "clipvision_request_duration_seconds",
+            "Wall time of an EmbeddingService call, from arrival to status (a stream's lifetime).",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.image_queue_seconds = Histogram(
+            "clipvision_image_queue_seconds",
+            "Per image: from entering the batcher's queue to the start of its batch.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.image_preprocess_seconds = Histogram(
+            "clipvision_image_preprocess_seconds",
+            "Per image: resolve, decode and preprocess, measured in the worker thread.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.image_inference_seconds = Histogram(
+            "clipvision_image_inference_seconds",
+            "Per image: device time of the batch it went in (forward and copy to host).",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.item_errors = Counter(
+            "clipvision_item_errors",
+            "Images answered with an in-band error (EmbedImages, EmbedImageStream), by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.model_load_seconds = Gauge(
+            "clipvision_model_load_seconds",
+            "Seconds the last load of a model took, warm-up included.",
+            ["model"],
+            registry=self.registry,
+        )
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 
     def on_batch(self, model: str, size: int, seconds: float) -> None:
@@ -51,6 +146,31 @@ class ServerMetrics:
     def on_queue_depth(self, model: str, depth: int) -> None:
         """Record the number of admitted, unanswered images of a model."""
         self.queue_depth.labels(model).set(depth)
+
+    def on_model_loaded(self, model: str, seconds: float) -> None:
+        """Record how long a model took to load and warm up."""
+        self.model_load_seconds.labels(model).set(seconds)
+
+    def on_image(self, model: str, times: StageTimes) -> None:
+        """Record where one embedded image's time went."""
+        self.image_preprocess_seconds.labels(model).observe(times.preprocess_s)
+        self.image_queue_seconds.labels(model).observe(times.queue_s)
+        self.image_inference_seconds.labels(model).observe(times.inference_s)
+
+    def on_item_error(self, reason: str) -> None:
+        """Count one image answered in-band with an error."""
+        self.item_errors.labels(reason).inc()
+
+    def on_call(self, method: str, code: str, seconds: float) -> None:
+        """Count one finished call and its duration."""
+        self.requests.labels(method, code).inc()
+        self.request_seconds.labels(method).observe(seconds)
+
+    def watch_devices(
+        self, devices: Callable[[], Iterable[torch.device]], stats: MemoryStats = cuda_memory
+    ) -> None:
+        """Report device memory for the devices ``devices()`` names at each scrape."""
+        self.registry.register(DeviceMemoryCollector(devices, stats))
 
     def serve(self, address: str) -> int:
         """Expose /metrics over HTTP on ``HOST:PORT``; returns the port (0 picks one)."""

@@ -7,6 +7,9 @@ import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Protocol
+
+import torch
 
 from clipvision.server.batcher import BatchObserver, MicroBatcher
 from clipvision.server.checkpoint import Checkpoint, load_checkpoint, resolve_device, resolve_dtype
@@ -20,6 +23,13 @@ from clipvision.server.errors import (
 from clipvision.server.settings import ModelSpec, Settings
 
 logger = logging.getLogger(__name__)
+
+
+class ModelObserver(BatchObserver, Protocol):
+    """Receives what the registry and its batchers do, for metrics."""
+
+    def on_model_loaded(self, model: str, seconds: float) -> None:
+        """A model finished loading and warming up in ``seconds``."""
 
 
 @dataclass(frozen=True)
@@ -47,13 +57,13 @@ class ModelRegistry:
         self,
         settings: Settings,
         device_executor: Executor,
-        observer: BatchObserver | None = None,
+        observer: ModelObserver | None = None,
     ) -> None:
         self._settings = settings
         self._executor = device_executor
         self._observer = observer
         self._slots = {spec.name: _Slot(spec) for spec in settings.models}
-        self._draining = False
+        self._drained = asyncio.Event()
 
     @property
     def specs(self) -> list[ModelSpec]:
@@ -75,11 +85,24 @@ class ModelRegistry:
 
     def drain(self) -> None:
         """Refuse new work from now on: requests get UNAVAILABLE (SERVER_DRAINING)."""
-        self._draining = True
+        self._drained.set()
+
+    @property
+    def draining(self) -> bool:
+        """Whether the server has started to drain."""
+        return self._drained.is_set()
+
+    async def wait_draining(self) -> None:
+        """Return once the server starts to drain."""
+        await self._drained.wait()
+
+    def devices(self) -> list[torch.device]:
+        """The devices of the models loaded so far."""
+        return [model.encoder.checkpoint.device for model in self.served()]
 
     async def get(self, name: str) -> ServedModel:
         """Find a model by name (empty means the default), loading it first in lazy mode."""
-        if self._draining:
+        if self.draining:
             raise ServiceUnavailableError(
                 Reason.SERVER_DRAINING,
                 "The server is shutting down; retry on another replica.",
@@ -147,10 +170,13 @@ class ModelRegistry:
         batcher.start()
         slot.model = ServedModel(encoder, batcher)
         slot.error = None
+        seconds = time.perf_counter() - started
+        if self._observer is not None:
+            self._observer.on_model_loaded(slot.spec.name, seconds)
         logger.info(
             "model %s ready in %.1f s: %d-d, %s on %s%s",
             slot.spec.name,
-            time.perf_counter() - started,
+            seconds,
             checkpoint.embedding_dim,
             str(checkpoint.dtype).removeprefix("torch."),
             checkpoint.device,

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 
 import grpc
 
+from clipvision.server.calls import StageTimes, record_image
 from clipvision.server.encoder import ClipImageEncoder, FloatArray, l2_normalize
-from clipvision.server.errors import ClipVisionError, InternalError, InvalidRequestError, Reason
+from clipvision.server.errors import (
+    ClipVisionError,
+    InternalError,
+    InvalidRequestError,
+    Reason,
+    ServiceUnavailableError,
+)
 from clipvision.server.image_sources import ImageSources
+from clipvision.server.metrics import ServerMetrics
 from clipvision.server.models import ModelRegistry, ServedModel
 from clipvision.server.preprocess import PreprocessConfig, UInt8Array
 from clipvision.server.settings import Settings
@@ -25,6 +35,14 @@ INTERNAL_ITEM_ERROR = InternalError(
 )
 
 
+def _stream_drained() -> ServiceUnavailableError:
+    return ServiceUnavailableError(
+        Reason.SERVER_DRAINING,
+        "The server is shutting down; every request answered so far stands, send the rest to "
+        "another replica.",
+    )
+
+
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     """Implements clipvision.v1.EmbeddingService on top of the model registry."""
 
@@ -34,11 +52,13 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         registry: ModelRegistry,
         preprocess_executor: Executor,
         sources: ImageSources,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self._settings = settings
         self._registry = registry
         self._preprocess_executor = preprocess_executor
         self._sources = sources
+        self._metrics = metrics
 
     async def EmbedImage(
         self, request: pb.EmbedImageRequest, context: grpc.aio.ServicerContext[object, object]
@@ -74,7 +94,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         request_iterator: AsyncIterator[pb.EmbedImageStreamRequest],
         context: grpc.aio.ServicerContext[object, object],
     ) -> AsyncIterator[pb.EmbedImageStreamResponse]:
-        """One response per request, in request order; the window bounds what is in flight."""
+        """One response per request, in request order; the window bounds what is in flight.
+
+        When the server starts draining it stops reading, answers every request
+        it has admitted, and ends the stream with UNAVAILABLE (SERVER_DRAINING):
+        the client re-sends what is unanswered to another replica.
+        """
         loop = asyncio.get_running_loop()
         # Full queue = the reader waits = the server stops reading = HTTP/2 flow control
         # pushes back on the client. That is the stream's backpressure.
@@ -85,17 +110,55 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    await pending.put(await self._admit_stream_item(request))
-            finally:
-                await pending.put(None)
+                    if self._registry.draining:
+                        # Unanswered, so the client sends it elsewhere. No end marker: the
+                        # writer must end with UNAVAILABLE, not as if the client were done.
+                        return
+                    task = await self._admit_stream_item(request)
+                    try:
+                        await pending.put(task)
+                    except asyncio.CancelledError:
+                        task.cancel()  # never answered, so it must not be computed
+                        raise
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                await pending.put(None)  # the writer answers what is admitted, then re-raises
+                raise
+            await pending.put(None)
 
         reader = loop.create_task(read(), name="stream-reader")
+        draining = loop.create_task(self._registry.wait_draining(), name="stream-drain")
         try:
-            while (task := await pending.get()) is not None:
+            while True:
+                if draining.done():
+                    # Admit nothing more, answer what was admitted, then send the client on.
+                    reader.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reader
+                    while not pending.empty():
+                        task = pending.get_nowait()
+                        if task is None:
+                            return  # the client had sent everything, and all is answered
+                        yield await task
+                    raise _stream_drained()
+                next_task = loop.create_task(pending.get())
+                try:
+                    await asyncio.wait({next_task, draining}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    # A cancelled get() leaves its item in the queue, so nothing is lost.
+                    if not next_task.done():
+                        next_task.cancel()
+                if not next_task.done() or next_task.cancelled():
+                    continue
+                task = next_task.result()
+                if task is None:
+                    break
                 yield await task
             await reader  # re-raises a read failure
         finally:
             reader.cancel()
+            draining.cancel()
             while not pending.empty():
                 leftover = pending.get_nowait()
                 if leftover is not None:
@@ -129,15 +192,25 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     async def _embed(self, model: ServedModel, image: pb.Image, normalize: bool) -> FloatArray:
         loop = asyncio.get_running_loop()
-        pixels = await loop.run_in_executor(
+        pixels, preprocess_s = await loop.run_in_executor(
             self._preprocess_executor, self._prepare, model.encoder, image
         )
-        raw = await model.batcher.submit(pixels)
+        embedded = await model.batcher.submit(pixels)
+        times = StageTimes(preprocess_s, embedded.queue_s, embedded.inference_s)
+        record_image(times)
+        if self._metrics is not None:
+            self._metrics.on_image(model.encoder.name, times)
+        raw = embedded.features
         return l2_normalize(raw) if normalize else raw
 
-    def _prepare(self, encoder: ClipImageEncoder, image: pb.Image) -> UInt8Array:
-        """Resolve, decode and preprocess one image (runs in the preprocessing pool)."""
-        return encoder.preprocess(self._sources.image_bytes(image))
+    def _prepare(self, encoder: ClipImageEncoder, image: pb.Image) -> tuple[UInt8Array, float]:
+        """Resolve, decode and preprocess one image (runs in the preprocessing pool).
+
+        Timed here, in the worker, so that waiting for a free worker is not counted.
+        """
+        started = time.perf_counter()
+        pixels = encoder.preprocess(self._sources.image_bytes(image))
+        return pixels, time.perf_counter() - started
 
     async def _embed_result(
         self, model: ServedModel, image: pb.Image, normalize: bool
@@ -145,7 +218,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         try:
             vector = await self._embed(model, image, normalize)
         except Exception as exc:
-            return pb.EmbedImagesResult(error=_item_error(exc))
+            return pb.EmbedImagesResult(error=self._item_error(exc))
         return pb.EmbedImagesResult(embedding=_embedding(model, vector, normalize))
 
     async def _admit_stream_item(
@@ -156,7 +229,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         try:
             model = await self._registry.get(request.model)
         except ClipVisionError as exc:
-            failed = pb.EmbedImageStreamResponse(id=request.id, error=_item_error(exc))
+            failed = pb.EmbedImageStreamResponse(id=request.id, error=self._item_error(exc))
             return loop.create_task(_ready(failed))
         await model.batcher.reserve()
         task = loop.create_task(self._stream_item(model, request))
@@ -171,10 +244,17 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         try:
             vector = await self._embed(model, request.image, normalize)
         except Exception as exc:
-            return pb.EmbedImageStreamResponse(id=request.id, error=_item_error(exc))
+            return pb.EmbedImageStreamResponse(id=request.id, error=self._item_error(exc))
         return pb.EmbedImageStreamResponse(
             id=request.id, embedding=_embedding(model, vector, normalize)
         )
+
+    def _item_error(self, exc: Exception) -> pb.ItemError:
+        """The in-band form of a per-image fault, counted; bugs are logged without detail out."""
+        error = _item_error(exc)
+        if self._metrics is not None:
+            self._metrics.on_item_error(error.reason)
+        return error
 
 
 async def _ready(response: pb.EmbedImageStreamResponse) -> pb.EmbedImageStreamResponse:

@@ -83,7 +83,13 @@ class Settings:
     watchdog_timeout_s: float = 60.0
     preprocess_workers: int = max(1, os.cpu_count() or 1)
     grace_period_s: float = 10.0
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    min_ping_interval_s: float = 30.0
+    max_connection_age_s: float = 300.0
+    max_connection_age_grace_s: float = 30.0
     log_level: str = "INFO"
+    log_format: str = "text"
 
     @property
     def default_model(self) -> str:
@@ -95,6 +101,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return value
 
 
@@ -310,10 +323,49 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         type=_non_negative_float,
     )
     option(
+        "--keepalive-time",
+        defaults.keepalive_time_s,
+        "seconds between the server's pings on an idle connection (finds dead clients)",
+        type=_positive_float,
+    )
+    option(
+        "--keepalive-timeout",
+        defaults.keepalive_timeout_s,
+        "seconds a ping may go unanswered before the connection is closed",
+        type=_positive_float,
+    )
+    option(
+        "--min-ping-interval",
+        defaults.min_ping_interval_s,
+        "shortest interval between a client's pings the server accepts; faster pings get "
+        "GOAWAY (the Python client pings every 60 s)",
+        type=_positive_float,
+    )
+    option(
+        "--max-connection-age",
+        defaults.max_connection_age_s,
+        "seconds after which a connection is sent GOAWAY, so clients reconnect and new "
+        "replicas get traffic; 0 turns it off",
+        type=_non_negative_float,
+    )
+    option(
+        "--max-connection-age-grace",
+        defaults.max_connection_age_grace_s,
+        "seconds calls on an aged connection get to finish before it is closed (a stream "
+        "cut there is resumed by the Python client)",
+        type=_non_negative_float,
+    )
+    option(
         "--log-level",
         defaults.log_level,
         "logging level",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    )
+    option(
+        "--log-format",
+        defaults.log_format,
+        "text (for people) or json (one object per line, for log collectors)",
+        choices=["text", "json"],
     )
     return parser
 
@@ -403,5 +455,11 @@ def parse_settings(
         watchdog_timeout_s=args.watchdog_timeout,
         preprocess_workers=args.preprocess_workers,
         grace_period_s=args.grace_period,
+        keepalive_time_s=args.keepalive_time,
+        keepalive_timeout_s=args.keepalive_timeout,
+        min_ping_interval_s=args.min_ping_interval,
+        max_connection_age_s=args.max_connection_age,
+        max_connection_age_grace_s=args.max_connection_age_grace,
         log_level=args.log_level,
+        log_format=args.log_format,
     )

@@ -1,0 +1,109 @@
+"""What the server knows about the call it is answering: its request id and where its time went.
+
+The interceptor opens a :class:`CallRecord` for each EmbeddingService call and
+puts it in a context variable; handlers add each image's stage timings to it
+with :func:`record_image`, and the interceptor turns it into trailing metadata
+and the failed-call log line. Tasks that a handler spawns (EmbedImages' gather,
+stream items) copy the context, so they add to the same record.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+REQUEST_ID_KEY = "x-request-id"
+QUEUE_MS_KEY = "clipvision-queue-ms"
+PREPROCESS_MS_KEY = "clipvision-preprocess-ms"
+INFERENCE_MS_KEY = "clipvision-inference-ms"
+IMAGES_KEY = "clipvision-images"
+
+# A caller's id is echoed into logs and metadata: printable, short, no spaces.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+
+
+@dataclass(frozen=True)
+class StageTimes:
+    """Seconds one image spent in each stage of the server."""
+
+    preprocess_s: float
+    queue_s: float
+    inference_s: float
+
+
+@dataclass
+class CallRecord:
+    """One call's request id and the stage timings of the images it embedded.
+
+    In trailing metadata, preprocessing is the sum over the call's images (CPU
+    time spent on them), queue wait and inference the maximum (the images of one
+    call wait and run side by side, so a sum would overstate what the caller waited).
+    """
+
+    method: str
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    images: int = 0
+    preprocess_s: float = 0.0
+    queue_s: float = 0.0
+    inference_s: float = 0.0
+
+    def add(self, times: StageTimes) -> None:
+        """Count one embedded image of this call."""
+        self.images += 1
+        self.preprocess_s += times.preprocess_s
+        self.queue_s = max(self.queue_s, times.queue_s)
+        self.inference_s = max(self.inference_s, times.inference_s)
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds since the call reached the interceptor."""
+        return time.perf_counter() - self.started
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The request id, and the timings when the call embedded any image."""
+        metadata: list[tuple[str, str]] = [(REQUEST_ID_KEY, self.request_id)]
+        if self.images:
+            metadata += [
+                (IMAGES_KEY, str(self.images)),
+                (QUEUE_MS_KEY, f"{self.queue_s * 1000:.3f}"),
+                (PREPROCESS_MS_KEY, f"{self.preprocess_s * 1000:.3f}"),
+                (INFERENCE_MS_KEY, f"{self.inference_s * 1000:.3f}"),
+            ]
+        return tuple(metadata)
+
+
+_current: contextvars.ContextVar[CallRecord | None] = contextvars.ContextVar(
+    "clipvision_call", default=None
+)
+
+
+def request_id_from(metadata: Iterable[tuple[str, object]] | None) -> str:
+    """The caller's ``x-request-id`` when it is a sane token, else a new random one."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+            return value
+    return uuid.uuid4().hex
+
+
+def open_call(method: str, request_id: str) -> CallRecord:
+    """Start the record of a call in the current context.
+
+    grpc.aio runs each call in a task of its own, whose context dies with it, so
+    the record is never reset (an async generator's cleanup may run in another
+    context, where a reset would fail).
+    """
+    record = CallRecord(method, request_id)
+    _current.set(record)
+    return record
+
+
+def record_image(times: StageTimes) -> None:
+    """Add one image's timings to the current call, if there is one."""
+    record = _current.get()
+    if record is not None:
+        record.add(times)
