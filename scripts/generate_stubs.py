@@ -45,6 +45,8 @@ def generate(out: Path) -> None:
     # The package must be importable as a regular package for type checkers.
     for package in {path.parent.relative_to(PROTO_ROOT) for path in proto_files()}:
         (out / package / "__init__.py").write_text('"""Generated gRPC stubs; do not edit."""\n')
+        # PEP 561: callers' type checkers read the .pyi stubs shipped beside the code.
+        (out / package / "py.typed").write_text("")
 
 
 def main(argv: list[str] | None = None) -> int:
