@@ -35,6 +35,13 @@ INTERNAL_ITEM_ERROR = InternalError(
 )
 
 
+class _Drained:
+    """Put in a stream's queue when the server starts draining, to wake its writer."""
+
+
+_DRAINED = _Drained()
+
+
 def _stream_drained() -> ServiceUnavailableError:
     return ServiceUnavailableError(
         Reason.SERVER_DRAINING,
@@ -103,8 +110,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         loop = asyncio.get_running_loop()
         # Full queue = the reader waits = the server stops reading = HTTP/2 flow control
         # pushes back on the client. That is the stream's backpressure.
-        pending: asyncio.Queue[asyncio.Task[pb.EmbedImageStreamResponse] | None] = asyncio.Queue(
-            maxsize=self._settings.stream_window
+        pending: asyncio.Queue[asyncio.Task[pb.EmbedImageStreamResponse] | _Drained | None] = (
+            asyncio.Queue(maxsize=self._settings.stream_window)
         )
 
         async def read() -> None:
@@ -128,40 +135,37 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             await pending.put(None)
 
         reader = loop.create_task(read(), name="stream-reader")
-        draining = loop.create_task(self._registry.wait_draining(), name="stream-drain")
+        drained = False
+
+        async def watch_drain() -> None:
+            # Stop reading, and wake the writer if it waits on an empty queue; when the
+            # queue is not empty the writer sees `drained` before it waits again.
+            nonlocal drained
+            await self._registry.wait_draining()
+            drained = True
+            reader.cancel()
+            with contextlib.suppress(asyncio.QueueFull):
+                pending.put_nowait(_DRAINED)
+
+        watcher = loop.create_task(watch_drain(), name="stream-drain")
         try:
             while True:
-                if draining.done():
-                    # Admit nothing more, answer what was admitted, then send the client on.
-                    reader.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await reader
-                    while not pending.empty():
-                        task = pending.get_nowait()
-                        if task is None:
-                            return  # the client had sent everything, and all is answered
-                        yield await task
+                if drained and pending.empty():
+                    # Everything admitted is answered: send the client to another replica.
                     raise _stream_drained()
-                next_task = loop.create_task(pending.get())
-                try:
-                    await asyncio.wait({next_task, draining}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    # A cancelled get() leaves its item in the queue, so nothing is lost.
-                    if not next_task.done():
-                        next_task.cancel()
-                if not next_task.done() or next_task.cancelled():
-                    continue
-                task = next_task.result()
+                task = await pending.get()
                 if task is None:
-                    break
+                    break  # the client is done (a drain changes nothing then)
+                if isinstance(task, _Drained):
+                    continue
                 yield await task
             await reader  # re-raises a read failure
         finally:
             reader.cancel()
-            draining.cancel()
+            watcher.cancel()
             while not pending.empty():
                 leftover = pending.get_nowait()
-                if leftover is not None:
+                if isinstance(leftover, asyncio.Task):
                     leftover.cancel()
 
     async def GetModelInfo(
