@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 from urllib.parse import unquote_to_bytes
@@ -27,6 +28,12 @@ class ImageSources:
     def close(self) -> None:
         """Release pooled HTTP connections."""
         self._fetcher.close()
+
+    async def resolve(self, image: pb.Image) -> bytes:
+        """The encoded bytes of ``image``, without blocking the event loop."""
+        if image.WhichOneof("source") == "content":
+            return image.content
+        return await asyncio.to_thread(self.image_bytes, image)
 
     def image_bytes(self, image: pb.Image) -> bytes:
         """The encoded bytes of ``image``; a missing, bad or refused source raises."""

@@ -196,8 +196,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     async def _embed(self, model: ServedModel, image: pb.Image, normalize: bool) -> FloatArray:
         loop = asyncio.get_running_loop()
+        data = await self._sources.resolve(image)
         pixels, preprocess_s = await loop.run_in_executor(
-            self._preprocess_executor, self._prepare, model.encoder, image
+            self._preprocess_executor, self._prepare, model.encoder, data
         )
         embedded = await model.batcher.submit(pixels)
         times = StageTimes(preprocess_s, embedded.queue_s, embedded.inference_s)
@@ -207,13 +208,13 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         raw = embedded.features
         return l2_normalize(raw) if normalize else raw
 
-    def _prepare(self, encoder: ClipImageEncoder, image: pb.Image) -> tuple[UInt8Array, float]:
-        """Resolve, decode and preprocess one image (runs in the preprocessing pool).
+    def _prepare(self, encoder: ClipImageEncoder, data: bytes) -> tuple[UInt8Array, float]:
+        """Decode and preprocess one image (runs in the preprocessing pool).
 
         Timed here, in the worker, so that waiting for a free worker is not counted.
         """
         started = time.perf_counter()
-        pixels = encoder.preprocess(self._sources.image_bytes(image))
+        pixels = encoder.preprocess(data)
         return pixels, time.perf_counter() - started
 
     async def _embed_result(
