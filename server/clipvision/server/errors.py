@@ -20,6 +20,7 @@ class Code(IntEnum):
     NOT_FOUND = 5
     PERMISSION_DENIED = 7
     RESOURCE_EXHAUSTED = 8
+    UNIMPLEMENTED = 12
     INTERNAL = 13
     UNAVAILABLE = 14
     UNAUTHENTICATED = 16
@@ -49,6 +50,18 @@ class Reason(StrEnum):
     SERVER_DRAINING = "SERVER_DRAINING"
     UNAUTHENTICATED = "UNAUTHENTICATED"
     INTERNAL = "INTERNAL"
+    # Refused by the call gate, before any handler runs.
+    TOO_MANY_CALLS = "TOO_MANY_CALLS"
+    REQUEST_MISSING = "REQUEST_MISSING"
+    REQUEST_MALFORMED = "REQUEST_MALFORMED"
+    REQUEST_READ_TIMEOUT = "REQUEST_READ_TIMEOUT"
+    STREAM_IDLE = "STREAM_IDLE"
+    METHOD_NOT_FOUND = "METHOD_NOT_FOUND"
+    # A file:// URI names a FIFO, device, directory or socket, not a regular file.
+    URI_NOT_A_FILE = "URI_NOT_A_FILE"
+    # The memory budget: full for now (RESOURCE_EXHAUSTED), or one image needs more than all of it.
+    MEMORY_BUDGET_FULL = "MEMORY_BUDGET_FULL"
+    IMAGE_OVER_MEMORY_BUDGET = "IMAGE_OVER_MEMORY_BUDGET"
 
 
 ERROR_DOMAIN = "clipvision.dev"
@@ -112,6 +125,18 @@ class UnauthenticatedError(ClipVisionError):
     """The call carries no valid bearer token."""
 
     code = Code.UNAUTHENTICATED
+
+
+class RequestTimeoutError(ClipVisionError):
+    """The call's request message did not arrive in the time the server allows."""
+
+    code = Code.DEADLINE_EXCEEDED
+
+
+class MethodNotFoundError(ClipVisionError):
+    """The call names a method this server does not have."""
+
+    code = Code.UNIMPLEMENTED
 
 
 class InternalError(ClipVisionError):

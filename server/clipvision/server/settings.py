@@ -284,6 +284,12 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "seconds a URI fetch may take in all",
         type=_non_negative_float,
     )
+    option(
+        "--max-concurrent-fetches",
+        FetchPolicy().max_concurrent_fetches,
+        "http(s) image URIs fetched at once; later ones wait within their call's deadline",
+        type=_positive_int,
+    )
     option("--tls-cert", None, "PEM certificate chain: serve over TLS (with --tls-key)")
     option("--tls-key", None, "PEM private key of --tls-cert")
     option(
@@ -448,6 +454,7 @@ def parse_settings(
             allow_http=args.allow_http,
             allow_private_addresses=args.allow_private_fetch,
             timeout_s=args.fetch_timeout,
+            max_concurrent_fetches=args.max_concurrent_fetches,
         ),
         tls=tls,
         auth_token=token,
