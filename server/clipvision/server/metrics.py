@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterable, Iterator
-from wsgiref.simple_server import WSGIServer
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from clipvision.server.calls import StageTimes
+from clipvision.server.metrics_http import MetricsHTTPServer
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # From a millisecond (a tiny model's preprocessing) to half a minute (a long queue).
@@ -135,7 +134,21 @@ class ServerMetrics:
             ["model"],
             registry=self.registry,
         )
-        self._http: tuple[WSGIServer, threading.Thread] | None = None
+        self.refused_calls = Counter(
+            "clipvision_refused_calls",
+            "Calls refused before their handler ran (token, call slots, missing, late or "
+            "malformed request, unknown method), by method, status code and reason.",
+            ["method", "code", "reason"],
+            registry=self.registry,
+        )
+        self.call_slots = Gauge(
+            "clipvision_call_slots",
+            "Call slots held, by pool (unary, stream, watch).",
+            ["pool"],
+            registry=self.registry,
+        )
+        self._add_admission_metrics()
+        self._http: MetricsHTTPServer | None = None
 
     def on_batch(self, model: str, size: int, seconds: float) -> None:
         """Record one batch that went through the device."""
@@ -166,6 +179,15 @@ class ServerMetrics:
         self.requests.labels(method, code).inc()
         self.request_seconds.labels(method).observe(seconds)
 
+    def on_refused(self, method: str, code: str, reason: str) -> None:
+        """Count one call the gate refused before its handler ran."""
+        self.refused_calls.labels(method, code, reason).inc()
+
+    def watch_call_slots(self, pools: Mapping[str, Sized]) -> None:
+        """Report the slots each pool holds, read at scrape time."""
+        for name, pool in pools.items():
+            self.call_slots.labels(name).set_function(pool.__len__)
+
     def watch_devices(
         self, devices: Callable[[], Iterable[torch.device]], stats: MemoryStats = cuda_memory
     ) -> None:
@@ -173,17 +195,79 @@ class ServerMetrics:
         self.registry.register(DeviceMemoryCollector(devices, stats))
 
     def serve(self, address: str) -> int:
-        """Expose /metrics over HTTP on ``HOST:PORT``; returns the port (0 picks one)."""
+        """Expose /metrics over HTTP on ``HOST:PORT``; returns the port (0 picks one).
+
+        Connections and the time to send a request are bounded (see ``metrics_http``).
+        """
         host, _, port = address.rpartition(":")
-        server, thread = start_http_server(int(port), addr=host.strip("[]"), registry=self.registry)
-        self._http = (server, thread)
-        return int(server.server_port)
+        server = MetricsHTTPServer(make_wsgi_app(self.registry))
+        bound = server.start(host.strip("[]"), int(port))
+        self._http = server
+        return bound
 
     def close(self) -> None:
         """Stop the HTTP endpoint, if it runs."""
         if self._http is not None:
-            server, thread = self._http
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
+            self._http.close()
             self._http = None
+
+    def _add_admission_metrics(self) -> None:
+        # No label per caller: callers come and go, the series must stay few.
+        self.memory_budget = Gauge(
+            "clipvision_memory_budget_bytes",
+            "Bytes that images in flight may hold (--memory-budget).",
+            registry=self.registry,
+        )
+        self.memory_admitted = Gauge(
+            "clipvision_memory_admitted_bytes",
+            "Bytes of the budget admitted now, by stage: resident (encoded bytes and crops, "
+            "held until answered) and decode (working sets of images admitted, not yet decoded).",
+            ["stage"],
+            registry=self.registry,
+        )
+        # Set two or three times per image: the labelled children are looked up once.
+        self._admitted_resident = self.memory_admitted.labels("resident")
+        self._admitted_decode = self.memory_admitted.labels("decode")
+        self.admission_callers = Gauge(
+            "clipvision_admission_callers",
+            "Callers (identities or connections) holding or waiting for memory budget.",
+            registry=self.registry,
+        )
+        self.admission_largest_share = Gauge(
+            "clipvision_admission_largest_share",
+            "Fraction of the admitted bytes that the largest caller holds (0 to 1).",
+            registry=self.registry,
+        )
+        self.admission_waits = Counter(
+            "clipvision_admission_waits",
+            "Images that waited for room, by resource (queue: images per model; memory).",
+            ["resource"],
+            registry=self.registry,
+        )
+        self.admission_refusals = Counter(
+            "clipvision_admission_refusals",
+            "Calls or images refused for capacity, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+
+    def on_budget(self, total: int) -> None:
+        """Record the memory budget in bytes."""
+        self.memory_budget.set(total)
+
+    def on_budget_use(
+        self, resident: int, decoding: int, callers: int, largest_share: float
+    ) -> None:
+        """Record the bytes admitted by stage and how they are shared between callers."""
+        self._admitted_resident.set(resident)
+        self._admitted_decode.set(decoding)
+        self.admission_callers.set(callers)
+        self.admission_largest_share.set(largest_share)
+
+    def on_admission_wait(self, resource: str) -> None:
+        """Count one image that waited for ``resource``."""
+        self.admission_waits.labels(resource).inc()
+
+    def on_admission_refused(self, reason: str) -> None:
+        """Count one call or image refused for capacity."""
+        self.admission_refusals.labels(reason).inc()
