@@ -540,6 +540,7 @@ class Limits(_message.Message):
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _builtins.int
     STREAM_WINDOW_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_SIZE_FIELD_NUMBER: _builtins.int
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
     max_batch_images: _builtins.int
     """The largest number of images one EmbedImagesRequest may carry."""
     max_receive_message_bytes: _builtins.int
@@ -558,6 +559,14 @@ class Limits(_message.Message):
     """The number of images per model the server admits before unary calls get
     RESOURCE_EXHAUSTED.
     """
+    memory_budget_bytes: _builtins.int
+    """The bytes that images in flight may hold across all models: each image
+    counts its encoded size and its preprocessed pixels until it is answered,
+    and the memory its decoding needs (estimated from its header) while it is
+    decoded. Past it unary calls get RESOURCE_EXHAUSTED (MEMORY_BUDGET_FULL)
+    and streams wait; one image that needs more than all of it is refused
+    with INVALID_ARGUMENT (IMAGE_OVER_MEMORY_BUDGET).
+    """
     def __init__(
         self,
         *,
@@ -567,10 +576,11 @@ class Limits(_message.Message):
         max_image_pixels: _builtins.int = ...,
         stream_window: _builtins.int = ...,
         max_queue_size: _builtins.int = ...,
+        memory_budget_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_images", b"max_batch_images", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_queue_size", b"max_queue_size", "max_receive_message_bytes", b"max_receive_message_bytes", "stream_window", b"stream_window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_images", b"max_batch_images", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_queue_size", b"max_queue_size", "max_receive_message_bytes", b"max_receive_message_bytes", "memory_budget_bytes", b"memory_budget_bytes", "stream_window", b"stream_window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -2,8 +2,11 @@
 
 There is no timer by default: while the device works on one batch, new images
 queue up (their preprocessing overlapping the forward pass), and they all go
-together as soon as it is free. Admission is bounded: unary callers are refused
-at once when the model's capacity is taken, streams wait for room.
+together as soon as it is free. Admission is bounded and fair between callers
+(admission.FairPool): unary callers are refused when the model's capacity is taken,
+unless another caller holds more than its share, which they wait for briefly;
+streams wait for room. Batches are filled round-robin from per-caller queues, so
+one caller's backlog does not delay everyone else's images by whole batches.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -21,6 +24,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from clipvision.server.admission import BudgetObserver, FairPool
 from clipvision.server.encoder import ClipImageEncoder, FloatArray
 from clipvision.server.errors import InternalError, OverloadedError, Reason
 from clipvision.server.preprocess import UInt8Array
@@ -36,51 +40,6 @@ class BatchObserver(Protocol):
 
     def on_queue_depth(self, model: str, depth: int) -> None:
         """The number of images admitted and not yet answered changed."""
-
-
-class Capacity:
-    """A counting limit on admitted images: take at once or fail, or wait in FIFO order."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
-
-    def try_take(self, count: int) -> bool:
-        """Take ``count`` slots if they are free now (and nobody waits before us)."""
-        if self._waiters or self.used + count > self.limit:
-            return False
-        self.used += count
-        return True
-
-    async def take(self, count: int) -> None:
-        """Wait until ``count`` slots are free, then take them."""
-        if self.try_take(count):
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (count, waiter)
-        self._waiters.append(entry)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.give(count)  # granted just as we were cancelled
-            else:
-                self._waiters.remove(entry)
-                self._wake()
-            raise
-
-    def give(self, count: int) -> None:
-        """Return ``count`` slots and wake the waiters they satisfy."""
-        self.used -= count
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters and self.used + self._waiters[0][0] <= self.limit:
-            count, waiter = self._waiters.popleft()
-            if not waiter.done():
-                self.used += count
-                waiter.set_result(None)
 
 
 @dataclass(frozen=True)
@@ -120,14 +79,20 @@ class MicroBatcher:
         max_batch_delay_s: float = 0.0,
         max_queue_size: int = 256,
         observer: BatchObserver | None = None,
+        admission_observer: BudgetObserver | None = None,
     ) -> None:
         self._encoder = encoder
         self._executor = device_executor
         self._max_batch_size = max_batch_size
         self._max_batch_delay_s = max_batch_delay_s
         self._observer = observer
-        self.capacity = Capacity(max_queue_size)
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._admission_observer = admission_observer
+        self.capacity = FairPool(max_queue_size)
+        # One FIFO per caller, in round-robin order: a caller moves to the back once it
+        # has put an image in a batch.
+        self._queues: dict[str, collections.deque[_Item]] = {}
+        self._queued = 0
+        self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._in_compute: list[_Item] = []
         self.busy_since: float | None = None  # monotonic start of the batch on the device
@@ -150,18 +115,34 @@ class MicroBatcher:
             self._worker = None
         for item in self._in_compute:
             item.future.cancel()
-        while not self._queue.empty():
-            self._queue.get_nowait().future.cancel()
+        for queue in self._queues.values():
+            for item in queue:
+                item.future.cancel()
+        self._queues.clear()
+        self._queued = 0
 
-    @contextlib.contextmanager
-    def admit_now(self, count: int) -> Iterator[None]:
-        """Admit ``count`` images or raise OverloadedError at once (unary calls)."""
-        if not self.capacity.try_take(count):
-            retry_after = max(0.05, self.capacity.used * self._seconds_per_image)
+    @contextlib.asynccontextmanager
+    async def admit(self, caller: str, count: int, wait_s: float) -> AsyncIterator[None]:
+        """Admit ``count`` images of a unary call, or raise OverloadedError (QUEUE_FULL).
+
+        Refused at once when the capacity is taken, unless ``caller`` is under its share
+        while another caller is over it: then it waits up to ``wait_s``, first in line for
+        what that caller gives back.
+        """
+        pool = self.capacity
+        admitted = pool.try_take(caller, count)
+        if not admitted and wait_s > 0 and pool.starved(caller, count):
+            if self._admission_observer is not None:
+                self._admission_observer.on_admission_wait("queue")
+            admitted = await pool.take_within(caller, count, wait_s)
+        if not admitted:
+            if self._admission_observer is not None:
+                self._admission_observer.on_admission_refused(Reason.QUEUE_FULL.value)
+            retry_after = max(0.05, pool.used * self._seconds_per_image)
             raise OverloadedError(
                 Reason.QUEUE_FULL,
-                f"Model {self._encoder.name!r} has {self.capacity.used} images in flight, its "
-                f"limit is {self.capacity.limit}; retry after {retry_after:.2f} s or on "
+                f"Model {self._encoder.name!r} has {pool.used} images in flight, its "
+                f"limit is {pool.limit}; retry after {retry_after:.2f} s or on "
                 "another replica.",
                 retry_after_s=retry_after,
             )
@@ -169,26 +150,31 @@ class MicroBatcher:
         try:
             yield
         finally:
-            self.capacity.give(count)
+            pool.give(caller, count)
             self._report_depth()
 
-    async def reserve(self) -> None:
-        """Admit one image, waiting for room (streams: this is their backpressure).
+    async def reserve(self, caller: str) -> None:
+        """Admit one image of ``caller``, waiting for room in fair order (stream backpressure).
 
         Every reservation must be matched by one ``release``.
         """
-        await self.capacity.take(1)
+        if not self.capacity.try_take(caller, 1):
+            if self._admission_observer is not None:
+                self._admission_observer.on_admission_wait("queue")
+            await self.capacity.take(caller, 1)
         self._report_depth()
 
-    def release(self) -> None:
+    def release(self, caller: str) -> None:
         """Give back the room of one image admitted with ``reserve``."""
-        self.capacity.give(1)
+        self.capacity.give(caller, 1)
         self._report_depth()
 
-    async def submit(self, pixels: UInt8Array) -> Embedded:
+    async def submit(self, pixels: UInt8Array, caller: str = "") -> Embedded:
         """Embed one preprocessed image; returns its raw projected features and timings."""
         future: asyncio.Future[Embedded] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Item(pixels, future))
+        self._queues.setdefault(caller, collections.deque()).append(_Item(pixels, future))
+        self._queued += 1
+        self._arrived.set()
         return await future
 
     def _report_depth(self) -> None:
@@ -206,22 +192,38 @@ class MicroBatcher:
                     self._in_compute = []
 
     async def _next_batch(self) -> list[_Item]:
-        batch = [await self._queue.get()]
+        while not self._queued:
+            self._arrived.clear()
+            await self._arrived.wait()
         if self._max_batch_delay_s > 0:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self._max_batch_delay_s
-            while len(batch) < self._max_batch_size:
+            while self._queued < self._max_batch_size:
                 timeout = deadline - loop.time()
                 if timeout <= 0:
                     break
+                self._arrived.clear()
                 try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), timeout))
+                    await asyncio.wait_for(self._arrived.wait(), timeout)
                 except TimeoutError:
                     break
-        while len(batch) < self._max_batch_size and not self._queue.empty():
-            batch.append(self._queue.get_nowait())
+        batch = self._take(self._max_batch_size)
         # A caller that cancelled (or whose deadline passed) costs no compute.
         return [item for item in batch if not item.future.done()]
+
+    def _take(self, size: int) -> list[_Item]:
+        """Up to ``size`` images, one per caller in turn (round-robin across batches too)."""
+        batch: list[_Item] = []
+        while len(batch) < size and self._queues:
+            for caller in list(self._queues):
+                if len(batch) == size:
+                    break
+                queue = self._queues.pop(caller)
+                batch.append(queue.popleft())
+                if queue:
+                    self._queues[caller] = queue  # to the back of the round
+        self._queued -= len(batch)
+        return batch
 
     async def _compute(self, batch: list[_Item]) -> None:
         started = time.perf_counter()

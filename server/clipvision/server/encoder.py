@@ -11,8 +11,19 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from clipvision.server.admission import ItemCost
 from clipvision.server.checkpoint import Checkpoint
-from clipvision.server.preprocess import ClipPreprocessor, ImageLimits, UInt8Array, decode_image
+from clipvision.server.preprocess import (
+    ClipPreprocessor,
+    ImageLimits,
+    ProbedImage,
+    UInt8Array,
+    decode_image,
+    decode_working_set,
+    load_image,
+    output_bytes,
+    probe_image,
+)
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -38,9 +49,23 @@ class ClipImageEncoder:
         """Length of the vectors this model returns."""
         return self.checkpoint.embedding_dim
 
-    def preprocess(self, data: bytes) -> UInt8Array:
-        """Decode one encoded image into resized, cropped (3, H, W) uint8 pixels."""
+    def preprocess(self, data: bytes | ProbedImage) -> UInt8Array:
+        """Decode one encoded (or already probed) image into resized, cropped (3, H, W) uint8."""
+        if isinstance(data, ProbedImage):
+            return self.preprocessor.pixels(load_image(data))
         return self.preprocessor.pixels(decode_image(data, self.limits))
+
+    def probe(self, data: bytes) -> ProbedImage:
+        """Parse and check one encoded image's header under the limits, decoding nothing."""
+        return probe_image(data, self.limits)
+
+    def cost(self, probed: ProbedImage) -> ItemCost:
+        """What a probed image holds: bytes and pixels until answered, more while decoded."""
+        config = self.checkpoint.preprocess
+        return ItemCost(
+            resident=probed.encoded_bytes + output_bytes(probed, config),
+            decode=decode_working_set(probed, config),
+        )
 
     def forward(self, pixels: UInt8Array) -> torch.Tensor:
         """Run the tower and projection on an (N, 3, H, W) uint8 batch; output stays on device."""

@@ -11,6 +11,7 @@ from typing import Protocol
 
 import torch
 
+from clipvision.server.admission import BudgetObserver, MemoryBudget
 from clipvision.server.batcher import BatchObserver, MicroBatcher
 from clipvision.server.checkpoint import Checkpoint, load_checkpoint, resolve_device, resolve_dtype
 from clipvision.server.encoder import ClipImageEncoder
@@ -20,12 +21,13 @@ from clipvision.server.errors import (
     Reason,
     ServiceUnavailableError,
 )
+from clipvision.server.memory import default_budget, default_limit, resident_bytes
 from clipvision.server.settings import ModelSpec, Settings
 
 logger = logging.getLogger(__name__)
 
 
-class ModelObserver(BatchObserver, Protocol):
+class ModelObserver(BatchObserver, BudgetObserver, Protocol):
     """Receives what the registry and its batchers do, for metrics."""
 
     def on_model_loaded(self, model: str, seconds: float) -> None:
@@ -64,6 +66,9 @@ class ModelRegistry:
         self._observer = observer
         self._slots = {spec.name: _Slot(spec) for spec in settings.models}
         self._drained = asyncio.Event()
+        self.memory_limit = settings.memory_limit or default_limit()
+        # One budget for every model: they share the process's memory.
+        self.budget = MemoryBudget(self._budget_bytes(), observer)
 
     @property
     def specs(self) -> list[ModelSpec]:
@@ -166,10 +171,13 @@ class ModelRegistry:
             max_batch_delay_s=settings.max_batch_delay_ms / 1000,
             max_queue_size=settings.max_queue_size,
             observer=self._observer,
+            admission_observer=self._observer,
         )
         batcher.start()
         slot.model = ServedModel(encoder, batcher)
         slot.error = None
+        if self._settings.memory_budget is None:
+            self.budget.resize(self._budget_bytes())  # what is resident now includes the model
         seconds = time.perf_counter() - started
         if self._observer is not None:
             self._observer.on_model_loaded(slot.spec.name, seconds)
@@ -183,6 +191,14 @@ class ModelRegistry:
             " (DUMMY RANDOM WEIGHTS: embeddings mean nothing)" if checkpoint.dummy_weights else "",
         )
         return slot.model
+
+    def _budget_bytes(self) -> int:
+        """The configured budget, or the default for the memory limit and what is resident."""
+        if self._settings.memory_budget is not None:
+            return self._settings.memory_budget
+        budget = default_budget(self.memory_limit, resident_bytes())
+        logger.info("memory budget %d MiB (limit %d MiB)", budget >> 20, self.memory_limit >> 20)
+        return budget
 
     def _load_checkpoint(self, spec: ModelSpec) -> Checkpoint:
         settings = self._settings

@@ -10,12 +10,12 @@ table that holds the exact float results of its rescale and normalise for each b
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageFile, ImageOps
+from PIL import ExifTags, Image, ImageFile, ImageOps
 
 from clipvision.server.errors import InvalidImageError, Reason
 
@@ -55,10 +55,39 @@ class ImageLimits:
     )
 
 
+@dataclass(frozen=True)
+class ProbedImage:
+    """An encoded image whose header is parsed and checked against the limits, not yet decoded.
+
+    What the header says (size, pixel mode, format) prices the decode before it runs; the
+    parsed header is then decoded by `load_image`, so it is parsed once.
+    """
+
+    image: ImageFile.ImageFile = field(repr=False)
+    encoded_bytes: int
+    width: int
+    height: int
+    mode: str
+    format: str
+
+    @property
+    def pixels(self) -> int:
+        """Width times height, as the header declares them."""
+        return self.width * self.height
+
+
 def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     """Validate and fully decode one encoded image: EXIF orientation applied, first frame only.
 
     Raises InvalidImageError, and nothing else, for any bytes that are not an acceptable image.
+    """
+    return load_image(probe_image(data, limits))
+
+
+def probe_image(data: bytes, limits: ImageLimits) -> ProbedImage:
+    """Parse and check the header only: size, mode and format, before a pixel is decoded.
+
+    Raises InvalidImageError, and nothing else, for bytes that are not an acceptable image.
     """
     if not data:
         raise InvalidImageError(
@@ -70,7 +99,7 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
             f"The image is {len(data)} bytes, over this server's limit of "
             f"{limits.max_image_bytes} bytes; send a smaller or more compressed file.",
         )
-    image: Image.Image = _open(data, limits)
+    image = _open(data, limits)
     width, height = image.size
     # Checked on the header's size, before a single pixel is decoded.
     if width * height > limits.max_image_pixels:
@@ -85,23 +114,36 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
             f"The image is {width}x{height} pixels, under this server's minimum of "
             f"{limits.min_image_side} pixels per side; send a larger image.",
         )
+    return ProbedImage(image, len(data), width, height, image.mode, image.format or "")
+
+
+def load_image(probed: ProbedImage) -> Image.Image:
+    """Decode a probed image: EXIF orientation applied, first frame only, RGB-convertible mode.
+
+    Raises InvalidImageError, and nothing else, for data that cannot be decoded.
+    """
+    image: Image.Image = probed.image
     try:
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
         if image.mode in _UNPREMULTIPLIED:
             image = image.convert(_UNPREMULTIPLIED[image.mode])
     except Image.DecompressionBombError as exc:
-        raise _bomb(image.format, limits) from exc
+        raise InvalidImageError(
+            Reason.IMAGE_TOO_MANY_PIXELS,
+            f"The {probed.format} image declares more pixels than this server accepts; "
+            "downscale it before sending.",
+        ) from exc
     except Exception as exc:  # PIL raises many types for corrupt data; none may escape.
         raise InvalidImageError(
             Reason.IMAGE_DECODE_FAILED,
-            f"The {image.format} image could not be decoded because it is truncated or corrupt; "
-            "send a complete, valid file.",
+            f"The {probed.format} image could not be decoded because it is truncated or "
+            "corrupt; send a complete, valid file.",
         ) from exc
     if image.mode not in _CONVERTIBLE_MODES:
         raise InvalidImageError(
             Reason.IMAGE_FORMAT_UNSUPPORTED,
-            f"The {image.format} image has pixel mode {image.mode}, which cannot be converted "
+            f"The {probed.format} image has pixel mode {image.mode}, which cannot be converted "
             "to RGB; send an RGB, RGBA or greyscale image.",
         )
     return image
@@ -303,6 +345,75 @@ def _resized_size(width: int, height: int, shortest_edge: int) -> tuple[int, int
     return (shortest_edge, new_long) if width <= height else (new_long, shortest_edge)
 
 
+def decode_working_set(probed: ProbedImage, config: PreprocessConfig) -> int:
+    """An upper bound on the bytes decoding and preprocessing ``probed`` holds at its peak.
+
+    Counted from the header, before decoding, as the pipeline above allocates: the decoded
+    image (PIL stores 1, 2 or 4 bytes per pixel), then the largest of the full-size copies
+    that follow it one at a time (an EXIF rotation, an un-premultiplied copy, the RGB copy),
+    the copies of one strip while transparency is composited onto white, the buffers of
+    decoders that keep their own, then the resize's intermediate. Measured peaks stay under
+    it (bench/decode_peak.py).
+    """
+    image = probed.image
+    stored = _STORED_BYTES.get(probed.mode, 4)
+    width, height = probed.width, probed.height
+    strip = 0
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        # The RGB result, filled strip by strip; each strip holds a copy of its part of the
+        # image, a white canvas, an RGBA copy and the composite (or, later, its RGB).
+        strip = min(height, max(1, _STRIP_PIXELS // width)) * width * (stored + 12)
+    converted = 4 if probed.mode != "RGB" or strip else 0
+    rotated = stored if _may_rotate(image) else 0
+    per_pixel = stored + max(converted, rotated, 4 if probed.mode in _UNPREMULTIPLIED else 0)
+    per_pixel += _DECODER_BYTES.get(probed.format, 0)
+    out_w, out_h = _resized_size(width, height, config.shortest_edge)
+    if config.do_center_crop and out_w * out_h > _MAX_RESIZED_PIXELS:
+        out_w, out_h = config.crop_width, config.crop_height
+    # PIL resamples horizontally first, into out_w x (the source rows it needs), then vertically.
+    resized = 4 * out_w * (max(height, width) + out_h)
+    # Decoder buffers, the crop's arrays, allocator slack: measured under a quarter byte a pixel.
+    slack = probed.pixels // 4 + (256 << 10)
+    return probed.pixels * per_pixel + strip + resized + slack
+
+
+def output_bytes(probed: ProbedImage, config: PreprocessConfig) -> int:
+    """The size of the uint8 (3, H, W) array preprocessing ``probed`` yields."""
+    if config.do_center_crop:
+        return 3 * config.crop_width * config.crop_height
+    if config.do_resize:
+        width, height = _resized_size(probed.width, probed.height, config.shortest_edge)
+        return 3 * width * height
+    return 3 * probed.pixels
+
+
+# Pixels per strip when compositing transparency onto white (see _to_rgb): 16 MiB at most
+# of temporary copies, whatever the image's size.
+_STRIP_PIXELS = 1 << 20
+
+# Full-size buffers some decoders hold beside the image: libwebp's RGBA canvas and the copy
+# PIL reads it from (measured 12 B/px), libtiff's decoded strip or tile (up to 4 B/px).
+_DECODER_BYTES = {"WEBP": 12, "TIFF": 4}
+
+# Bytes per pixel as PIL stores each mode in memory (every multi-band mode takes four).
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+
+
+def _may_rotate(image: Image.Image) -> bool:
+    """Whether EXIF orientation may make a rotated copy; known from the header for JPEG only.
+
+    Other formats may carry their EXIF after the pixels (PNG's eXIf chunk), so reading it
+    there would decode the image: they are assumed to rotate.
+    """
+    if image.format not in ("JPEG", "MPO"):
+        return True
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # A corrupt EXIF block fails later, in decoding; price the worst case.
+        return True
+    return orientation not in (None, 1)
+
+
 def _center_crop(image: Image.Image, width: int, height: int) -> Image.Image:
     """transformers' center_crop: PIL fills outside the image with zeros, as its padding does."""
     left, top = (image.width - width) // 2, (image.height - height) // 2
@@ -312,11 +423,29 @@ def _center_crop(image: Image.Image, width: int, height: int) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """transformers' convert_to_rgb: any transparency is composited onto white."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-    return _plain_rgb(image)
+    """transformers' convert_to_rgb: any transparency is composited onto white.
+
+    transformers composites the whole image at once, which holds a white canvas, an RGBA
+    copy and the composite beside the image (12 bytes a pixel more); every step is per
+    pixel, so doing it in horizontal strips gives the same bytes with one RGB copy instead.
+    """
+    if "A" not in image.getbands() and image.info.get("transparency") is None:
+        return _plain_rgb(image)
+    width, height = image.size
+    rows = max(1, _STRIP_PIXELS // width)
+    if rows >= height:
+        return _composite_on_white(image)
+    rgb = Image.new("RGB", image.size)
+    for top in range(0, height, rows):
+        # crop() keeps the palette and info["transparency"], so each strip converts alike.
+        strip = image.crop((0, top, width, min(top + rows, height)))
+        rgb.paste(_composite_on_white(strip), (0, top))
+    return rgb
+
+
+def _composite_on_white(image: Image.Image) -> Image.Image:
+    white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
 
 
 def _plain_rgb(image: Image.Image) -> Image.Image:

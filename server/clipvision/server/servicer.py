@@ -1,29 +1,39 @@
-"""The EmbeddingService handlers: validate, call the domain, convert to messages."""
+"""The EmbeddingService handlers: validate, call the domain, convert to messages.
+
+Each image goes through the same stages: resolved to bytes, its header probed and
+priced (admission.ItemCost), admitted against the memory budget in fair order
+between callers (a caller is an authenticated identity, else a connection),
+decoded in its caller's fair turn (dispatch.FairDispatcher), then batched.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import Executor
 
 import grpc
 
+from clipvision.server.admission import UNARY_WAIT_S, Ticket
 from clipvision.server.calls import StageTimes, record_image
+from clipvision.server.dispatch import FairDispatcher
 from clipvision.server.encoder import ClipImageEncoder, FloatArray, l2_normalize
 from clipvision.server.errors import (
     ClipVisionError,
     InternalError,
     InvalidRequestError,
+    OverloadedError,
     Reason,
     ServiceUnavailableError,
 )
 from clipvision.server.image_sources import ImageSources
 from clipvision.server.metrics import ServerMetrics
 from clipvision.server.models import ModelRegistry, ServedModel
-from clipvision.server.preprocess import PreprocessConfig, UInt8Array
+from clipvision.server.preprocess import PreprocessConfig, ProbedImage, UInt8Array
 from clipvision.server.settings import Settings
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
@@ -66,6 +76,10 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         self._preprocess_executor = preprocess_executor
         self._sources = sources
         self._metrics = metrics
+        self._budget = registry.budget
+        # At most one decode per worker is handed to the pool; the rest wait in per-caller
+        # queues, so the pool's own FIFO never holds one caller's backlog.
+        self._decodes = FairDispatcher(preprocess_executor, settings.preprocess_workers)
 
     async def EmbedImage(
         self, request: pb.EmbedImageRequest, context: grpc.aio.ServicerContext[object, object]
@@ -73,8 +87,10 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         """Embed one image; any fault fails the call."""
         model = await self._registry.get(request.model)
         normalize = _normalize(request)
-        with model.batcher.admit_now(1):
-            vector = await self._embed(model, request.image, normalize)
+        caller = caller_of(context)
+        deadline = _patience(context)
+        async with model.batcher.admit(caller, 1, _seconds_until(deadline)):
+            vector = await self._embed(model, caller, request.image, normalize, deadline)
         return pb.EmbedImageResponse(embedding=_embedding(model, vector, normalize))
 
     async def EmbedImages(
@@ -90,9 +106,14 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             )
         model = await self._registry.get(request.model)
         normalize = _normalize(request)
-        with model.batcher.admit_now(len(request.images)):
-            results = await asyncio.gather(
-                *(self._embed_result(model, image, normalize) for image in request.images)
+        caller = caller_of(context)
+        deadline = _patience(context)
+        async with model.batcher.admit(caller, len(request.images), _seconds_until(deadline)):
+            results = await _all_or_none(
+                [
+                    self._embed_result(model, caller, image, normalize, deadline)
+                    for image in request.images
+                ]
             )
         return pb.EmbedImagesResponse(results=results)
 
@@ -108,6 +129,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         the client re-sends what is unanswered to another replica.
         """
         loop = asyncio.get_running_loop()
+        caller = caller_of(context)
         # Full queue = the reader waits = the server stops reading = HTTP/2 flow control
         # pushes back on the client. That is the stream's backpressure.
         pending: asyncio.Queue[asyncio.Task[pb.EmbedImageStreamResponse] | _Drained | None] = (
@@ -121,12 +143,17 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                         # Unanswered, so the client sends it elsewhere. No end marker: the
                         # writer must end with UNAVAILABLE, not as if the client were done.
                         return
-                    task = await self._admit_stream_item(request)
+                    task, admitted = await self._admit_stream_item(request, caller)
                     try:
                         await pending.put(task)
                     except asyncio.CancelledError:
                         task.cancel()  # never answered, so it must not be computed
                         raise
+                    # Inline bytes are read no further until the image fits the memory
+                    # budget: waiting here is the stream's backpressure for memory. (URIs
+                    # are fetched in parallel, and wait for the budget in their tasks.)
+                    if admitted is not None:
+                        await admitted
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -191,16 +218,39 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 max_image_pixels=limits.max_image_pixels,
                 stream_window=settings.stream_window,
                 max_queue_size=settings.max_queue_size,
+                memory_budget_bytes=self._budget.total,
             ),
         )
 
-    async def _embed(self, model: ServedModel, image: pb.Image, normalize: bool) -> FloatArray:
-        loop = asyncio.get_running_loop()
+    async def _embed(
+        self,
+        model: ServedModel,
+        caller: str,
+        image: pb.Image,
+        normalize: bool,
+        deadline: float | None,
+        admitted: asyncio.Future[None] | None = None,
+    ) -> FloatArray:
+        """Resolve, price, admit, decode and embed one image.
+
+        ``deadline`` (loop time) bounds the wait for the memory budget, None waits as long
+        as it takes; ``admitted`` is resolved once the image holds its share of the budget.
+        """
         data = await self._sources.resolve(image)
-        pixels, preprocess_s = await loop.run_in_executor(
-            self._preprocess_executor, self._prepare, model.encoder, data
-        )
-        embedded = await model.batcher.submit(pixels)
+        probed, ticket = await self._admit(model, caller, data, deadline)
+        if admitted is not None and not admitted.done():
+            admitted.set_result(None)
+        try:
+            done = ticket.start_decode()
+            pixels, preprocess_s = await self._decodes.run(
+                caller,
+                ticket.decode,
+                functools.partial(self._prepare, model.encoder, probed),
+                done,
+            )
+            embedded = await model.batcher.submit(pixels, caller)
+        finally:
+            ticket.release()
         times = StageTimes(preprocess_s, embedded.queue_s, embedded.inference_s)
         record_image(times)
         if self._metrics is not None:
@@ -208,46 +258,79 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         raw = embedded.features
         return l2_normalize(raw) if normalize else raw
 
-    def _prepare(self, encoder: ClipImageEncoder, data: bytes) -> tuple[UInt8Array, float]:
+    async def _admit(
+        self, model: ServedModel, caller: str, data: bytes, deadline: float | None
+    ) -> tuple[ProbedImage, Ticket]:
+        """Probe the header (off the loop: some formats parse a lot) and take the budget."""
+        probed = await asyncio.to_thread(model.encoder.probe, data)
+        cost = model.encoder.cost(probed)
+        self._budget.check(cost, probed.width, probed.height)
+        return probed, await self._budget.admit(caller, cost, _left(deadline))
+
+    def _prepare(self, encoder: ClipImageEncoder, probed: ProbedImage) -> tuple[UInt8Array, float]:
         """Decode and preprocess one image (runs in the preprocessing pool).
 
         Timed here, in the worker, so that waiting for a free worker is not counted.
         """
         started = time.perf_counter()
-        pixels = encoder.preprocess(data)
+        pixels = encoder.preprocess(probed)
         return pixels, time.perf_counter() - started
 
     async def _embed_result(
-        self, model: ServedModel, image: pb.Image, normalize: bool
+        self,
+        model: ServedModel,
+        caller: str,
+        image: pb.Image,
+        normalize: bool,
+        deadline: float | None,
     ) -> pb.EmbedImagesResult:
         try:
-            vector = await self._embed(model, image, normalize)
+            vector = await self._embed(model, caller, image, normalize, deadline)
+        except OverloadedError:
+            raise  # the call as a whole is refused: retrying it later is the remedy
         except Exception as exc:
             return pb.EmbedImagesResult(error=self._item_error(exc))
         return pb.EmbedImagesResult(embedding=_embedding(model, vector, normalize))
 
     async def _admit_stream_item(
-        self, request: pb.EmbedImageStreamRequest
-    ) -> asyncio.Task[pb.EmbedImageStreamResponse]:
-        """Start one stream item once its model has room; waiting here stops the reading."""
+        self, request: pb.EmbedImageStreamRequest, caller: str
+    ) -> tuple[asyncio.Task[pb.EmbedImageStreamResponse], asyncio.Future[None] | None]:
+        """Start one stream item once its model has room; waiting here stops the reading.
+
+        Also returns, for inline images, a future resolved once the item holds its share
+        of the memory budget (or has failed), which the reader waits for too.
+        """
         loop = asyncio.get_running_loop()
         try:
             model = await self._registry.get(request.model)
         except ClipVisionError as exc:
             failed = pb.EmbedImageStreamResponse(id=request.id, error=self._item_error(exc))
-            return loop.create_task(_ready(failed))
-        await model.batcher.reserve()
-        task = loop.create_task(self._stream_item(model, request))
-        # A done-callback, not a finally: a task cancelled before it starts runs no code.
-        task.add_done_callback(lambda _: model.batcher.release())
-        return task
+            return loop.create_task(_ready(failed)), None
+        await model.batcher.reserve(caller)
+        admitted: asyncio.Future[None] | None = None
+        if request.image.WhichOneof("source") == "content":
+            admitted = loop.create_future()
+        task = loop.create_task(self._stream_item(model, caller, request, admitted))
+
+        def finished(_: object) -> None:
+            # A done-callback, not a finally: a task cancelled before it starts runs no code.
+            model.batcher.release(caller)
+            if admitted is not None and not admitted.done():
+                admitted.set_result(None)
+
+        task.add_done_callback(finished)
+        return task, admitted
 
     async def _stream_item(
-        self, model: ServedModel, request: pb.EmbedImageStreamRequest
+        self,
+        model: ServedModel,
+        caller: str,
+        request: pb.EmbedImageStreamRequest,
+        admitted: asyncio.Future[None] | None,
     ) -> pb.EmbedImageStreamResponse:
         normalize = _normalize(request)
         try:
-            vector = await self._embed(model, request.image, normalize)
+            vector = await self._embed(model, caller, request.image, normalize, None, admitted)
         except Exception as exc:
             return pb.EmbedImageStreamResponse(id=request.id, error=self._item_error(exc))
         return pb.EmbedImageStreamResponse(
@@ -264,6 +347,52 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
 async def _ready(response: pb.EmbedImageStreamResponse) -> pb.EmbedImageStreamResponse:
     return response
+
+
+def caller_of(context: grpc.aio.ServicerContext[object, object]) -> str:
+    """Who a call counts against for fair shares: its authenticated identity (mutual TLS),
+    else its connection (``peer()`` names the client's address and port, one per connection).
+    """
+    identities = context.peer_identities()
+    if identities:
+        return "identity:" + b",".join(identities).decode(errors="replace")
+    return "peer:" + context.peer()
+
+
+def _patience(context: grpc.aio.ServicerContext[object, object]) -> float:
+    """The loop time until which a unary call may wait for room another caller gives back.
+
+    At most UNARY_WAIT_S, and half of what is left of the call's deadline, so that a
+    refusal still reaches the caller in time and an admitted image has time to run.
+    """
+    remaining = context.time_remaining()
+    wait = UNARY_WAIT_S if remaining is None else min(UNARY_WAIT_S, remaining / 2)
+    return asyncio.get_running_loop().time() + max(0.0, wait)
+
+
+def _seconds_until(deadline: float) -> float:
+    """Seconds from now to ``deadline`` (loop time), never negative."""
+    return max(0.0, deadline - asyncio.get_running_loop().time())
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds from now to ``deadline``; None (wait as long as it takes) for no deadline."""
+    return None if deadline is None else _seconds_until(deadline)
+
+
+async def _all_or_none(
+    coroutines: list[Awaitable[pb.EmbedImagesResult]],
+) -> list[pb.EmbedImagesResult]:
+    """Await every item; if one raises, cancel the rest and raise that."""
+    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        # Collected, so that a second failure is not reported as never retrieved.
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _normalize(

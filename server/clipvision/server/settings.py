@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipvision.server.fetch import FetchPolicy
+from clipvision.server.memory import BUDGET_FRACTION, byte_size
 from clipvision.server.preprocess import ImageLimits
 from clipvision.server.presets import PRESETS, Preset
 
@@ -72,6 +73,10 @@ class Settings:
     max_batch_delay_ms: float = 0.0
     max_batch_images: int = 64
     max_queue_size: int = 256
+    # Bytes; None: the container's memory limit (cgroup), else the RAM.
+    memory_limit: int | None = None
+    # Bytes for images in flight; None: half of what the limit leaves once models are loaded.
+    memory_budget: int | None = None
     stream_window: int = 64
     max_message_bytes: int = 64 * MIB
     image_limits: ImageLimits = field(default_factory=ImageLimits)
@@ -80,6 +85,14 @@ class Settings:
     # repr=False: the token must never reach a log line.
     auth_token: str | None = field(default=None, repr=False)
     max_concurrent_rpcs: int = 256
+    max_calls_per_connection: int = 64
+    max_streams: int = 128
+    max_streams_per_connection: int = 16
+    request_read_timeout_s: float = 10.0
+    stream_idle_timeout_s: float = 300.0
+    max_connections: int = 1000
+    max_http2_streams: int = 100
+    reuse_port: bool = False
     watchdog_timeout_s: float = 60.0
     preprocess_workers: int = max(1, os.cpu_count() or 1)
     grace_period_s: float = 10.0
@@ -219,6 +232,22 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         type=_positive_int,
     )
     option(
+        "--memory-limit",
+        defaults.memory_limit,
+        "bytes the process may use (4GiB, 512MiB, ...; default: the container's cgroup limit, "
+        "else the RAM); sizes the default --memory-budget",
+        type=byte_size,
+    )
+    option(
+        "--memory-budget",
+        defaults.memory_budget,
+        "bytes that images in flight may hold, shared fairly between callers: encoded bytes "
+        "and crops until answered, decode working sets (priced from the header) while "
+        f"decoding; past it unary calls get RESOURCE_EXHAUSTED and streams wait (default: "
+        f"{BUDGET_FRACTION:g} x (--memory-limit - resident size once models are loaded))",
+        type=byte_size,
+    )
+    option(
         "--stream-window",
         defaults.stream_window,
         "images one EmbedImageStream may have in flight before the server stops reading",
@@ -306,9 +335,60 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     option(
         "--max-concurrent-rpcs",
         defaults.max_concurrent_rpcs,
-        "calls served at once; more get RESOURCE_EXHAUSTED from gRPC (bounds memory: "
-        "each may hold up to --max-message-bytes)",
+        "unary calls (embedding, model info, reflection) in progress at once; more get "
+        "RESOURCE_EXHAUSTED (TOO_MANY_CALLS); health checks are never counted",
         type=_positive_int,
+    )
+    option(
+        "--max-calls-per-connection",
+        defaults.max_calls_per_connection,
+        "unary calls in progress at once on one connection",
+        type=_positive_int,
+    )
+    option(
+        "--max-streams",
+        defaults.max_streams,
+        "streaming calls (EmbedImageStream, reflection) open at once; when full, the stream "
+        "idle the longest (10 s at least) is ended to make room, else RESOURCE_EXHAUSTED",
+        type=_positive_int,
+    )
+    option(
+        "--max-streams-per-connection",
+        defaults.max_streams_per_connection,
+        "streaming calls open at once on one connection",
+        type=_positive_int,
+    )
+    option(
+        "--request-read-timeout",
+        defaults.request_read_timeout_s,
+        "seconds a unary call may take to deliver its request message after it starts",
+        type=_positive_float,
+    )
+    option(
+        "--stream-idle-timeout",
+        defaults.stream_idle_timeout_s,
+        "seconds a stream may go without a message either way before it is ended "
+        "(UNAVAILABLE, STREAM_IDLE); 0 turns it off",
+        type=_non_negative_float,
+    )
+    option(
+        "--max-connections",
+        defaults.max_connections,
+        "client connections accepted at once (keep it under the file descriptor limit)",
+        type=_positive_int,
+    )
+    option(
+        "--max-http2-streams",
+        defaults.max_http2_streams,
+        "HTTP/2 streams (calls of any kind) one connection may have open at once",
+        type=_positive_int,
+    )
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        default=_flag(env, "CLIPVISION_REUSE_PORT"),
+        help="let other processes listen on the same port (SO_REUSEPORT); off, starting on a "
+        "port in use fails [env CLIPVISION_REUSE_PORT=1]",
     )
     option(
         "--watchdog-timeout",
@@ -438,6 +518,8 @@ def parse_settings(
         max_batch_delay_ms=args.max_batch_delay_ms,
         max_batch_images=args.max_batch_images,
         max_queue_size=args.max_queue_size,
+        memory_limit=args.memory_limit,
+        memory_budget=args.memory_budget,
         stream_window=args.stream_window,
         max_message_bytes=args.max_message_bytes,
         image_limits=ImageLimits(
@@ -459,6 +541,14 @@ def parse_settings(
         tls=tls,
         auth_token=token,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_calls_per_connection=args.max_calls_per_connection,
+        max_streams=args.max_streams,
+        max_streams_per_connection=args.max_streams_per_connection,
+        request_read_timeout_s=args.request_read_timeout,
+        stream_idle_timeout_s=args.stream_idle_timeout,
+        max_connections=args.max_connections,
+        max_http2_streams=args.max_http2_streams,
+        reuse_port=args.reuse_port,
         watchdog_timeout_s=args.watchdog_timeout,
         preprocess_workers=args.preprocess_workers,
         grace_period_s=args.grace_period,

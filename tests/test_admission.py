@@ -1,0 +1,295 @@
+"""The memory budget and fair shares, observed on a real server through real sockets.
+
+Big-looking images are cheap to make: a palette PNG of a few megapixels with a
+transparent colour compresses to a few KB, yet its decode is priced at 5 bytes a
+pixel and 13 MiB (the palette image, its RGB copy, and one strip composited onto
+white). A small budget makes a handful of them fill it. A spy around
+ClipImageEncoder.preprocess, which runs in the decoding threads, counts decodes
+in flight and can make them slow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import io
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from PIL import Image
+from prometheus_client import generate_latest
+
+from clipvision.server import servicer
+from clipvision.server.encoder import ClipImageEncoder
+from clipvision.server.preprocess import ProbedImage, UInt8Array
+from clipvision.server.settings import Settings
+from clipvision.v1 import embedding_service_pb2 as pb
+from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
+from tests.conftest import photo_bytes, settings_with
+from tests.live_server import LiveServer, live_server
+
+MIB = 1 << 20
+
+
+@functools.cache
+def palette_png(side: int) -> bytes:
+    """A side x side palette PNG with a transparent colour: KBs on the wire, MBs decoded."""
+    image = Image.new("P", (side, side), 1)
+    image.putpalette([255, 255, 255, 200, 30, 30] + [0] * 762)
+    image.paste(0, (0, 0, side // 2, side // 2))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", transparency=0, optimize=True)
+    return buffer.getvalue()
+
+
+# 1500 x 1500: about 24.7 MiB to decode. Two fit in 60 MiB, three do not.
+BIG = 1500
+BUDGET = 60 * MIB
+
+
+@dataclass
+class DecodeSpy:
+    """Counts decodes in flight (the most at once) and slows the big ones down."""
+
+    delay_s: float = 0.0
+    running: int = 0
+    peak: int = 0
+    decoded: int = 0
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        real: Callable[[ClipImageEncoder, bytes | ProbedImage], UInt8Array] = (
+            ClipImageEncoder.preprocess
+        )
+        lock = threading.Lock()
+        spy = self
+
+        def preprocess(encoder: ClipImageEncoder, data: bytes | ProbedImage) -> UInt8Array:
+            big = isinstance(data, ProbedImage) and data.width >= BIG
+            with lock:
+                spy.running += big
+                spy.peak = max(spy.peak, spy.running)
+            try:
+                if big:
+                    time.sleep(spy.delay_s)  # runs in a decoding thread, like real work
+                return real(encoder, data)
+            finally:
+                with lock:
+                    spy.running -= big
+                    spy.decoded += 1
+
+        monkeypatch.setattr(ClipImageEncoder, "preprocess", preprocess)
+
+
+def budget_settings(base: Settings, **changes: object) -> Settings:
+    # Four decoding threads: without the budget, four big decodes would run at once.
+    return settings_with(base, memory_budget=BUDGET, preprocess_workers=4, **changes)
+
+
+def own_channel(server: LiveServer) -> grpc.aio.Channel:
+    """A channel with its own TCP connection, so that the server sees another caller."""
+    return grpc.aio.insecure_channel(
+        server.address, options=[("grpc.use_local_subchannel_pool", 1)]
+    )
+
+
+def big_request() -> pb.EmbedImageRequest:
+    return pb.EmbedImageRequest(image=pb.Image(content=palette_png(BIG)))
+
+
+def details(error: grpc.aio.AioRpcError) -> tuple[str, float | None]:
+    """The ErrorInfo reason and the RetryInfo delay (None without one) of a failed call."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    packed = {d.type_url.rsplit("/", 1)[-1]: d for d in status.details}
+    info = error_details_pb2.ErrorInfo()
+    packed["google.rpc.ErrorInfo"].Unpack(info)
+    if "google.rpc.RetryInfo" not in packed:
+        return info.reason, None
+    retry = error_details_pb2.RetryInfo()
+    packed["google.rpc.RetryInfo"].Unpack(retry)
+    return info.reason, retry.retry_delay.ToTimedelta().total_seconds()
+
+
+def metric(server: LiveServer, line_start: str) -> float:
+    """The value of the first exposition line that starts with ``line_start``."""
+    text = generate_latest(server.server.metrics.registry).decode()
+    for line in text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no metric line starts with {line_start!r}")
+
+
+async def test_an_image_over_the_whole_budget_is_refused_with_its_reason(
+    base_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = DecodeSpy()
+    spy.install(monkeypatch)
+    async with live_server(budget_settings(base_settings)) as server, own_channel(server) as ch:
+        stub = pb_grpc.EmbeddingServiceStub(ch)
+        huge = pb.Image(content=palette_png(4000))  # 16 Mpx: about 94 MiB to decode
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.EmbedImage(pb.EmbedImageRequest(image=huge))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert details(caught.value) == ("IMAGE_OVER_MEMORY_BUDGET", None)
+        assert "4000x4000" in (caught.value.details() or "")
+        assert "60.0 MiB" in (caught.value.details() or "")
+        photo = pb.Image(content=photo_bytes("rocket.jpg"))
+        batch = await stub.EmbedImages(pb.EmbedImagesRequest(images=[photo, huge, photo]))
+        assert [r.WhichOneof("result") for r in batch.results] == [
+            "embedding",
+            "error",
+            "embedding",
+        ]
+        assert batch.results[1].error.reason == "IMAGE_OVER_MEMORY_BUDGET"
+        assert batch.results[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+        async def items() -> AsyncIterator[pb.EmbedImageStreamRequest]:
+            for index, image in enumerate([huge, photo]):
+                yield pb.EmbedImageStreamRequest(id=str(index), image=image)
+
+        answers = [r async for r in stub.EmbedImageStream(items())]
+        assert [(r.id, r.WhichOneof("result")) for r in answers] == [
+            ("0", "error"),
+            ("1", "embedding"),
+        ]
+        assert answers[0].error.reason == "IMAGE_OVER_MEMORY_BUDGET"
+        assert spy.decoded == 3, "an image over the budget must never be decoded"
+        refused = 'clipvision_admission_refusals_total{reason="IMAGE_OVER_MEMORY_BUDGET"}'
+        assert metric(server, refused) == 3
+
+
+async def test_unary_calls_over_the_budget_get_resource_exhausted_with_retry_info(
+    base_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = DecodeSpy(delay_s=2.5)
+    spy.install(monkeypatch)
+    async with live_server(budget_settings(base_settings)) as server, own_channel(server) as ch:
+        stub = pb_grpc.EmbeddingServiceStub(ch)
+        # Two slow big decodes hold most of the budget for 2.5 s.
+        holding = [asyncio.ensure_future(stub.EmbedImage(big_request())) for _ in range(2)]
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.EmbedImage(big_request(), timeout=30)
+        waited = time.monotonic() - started
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        reason, retry_after = details(caught.value)
+        assert reason == "MEMORY_BUDGET_FULL"
+        assert retry_after is not None
+        assert retry_after > 0
+        message = caught.value.details() or ""
+        assert "needs about 24.7 MiB" in message, message  # its decode, bytes and crop
+        assert "of 60.0 MiB are free" in message, message
+        assert 0.8 < waited < 2.0, "a unary call waits briefly for room, then gives up"
+        assert spy.peak == 2
+        for call in holding:
+            assert len((await call).embedding.values) == 16
+        # Once the budget is free again the same call is served.
+        spy.delay_s = 0.0
+        assert len((await stub.EmbedImage(big_request())).embedding.values) == 16
+        assert metric(server, 'clipvision_admission_refusals_total{reason="MEMORY_BUDGET_FULL"}')
+        assert metric(server, 'clipvision_admission_waits_total{resource="memory"}') >= 1
+        assert metric(server, "clipvision_memory_budget_bytes") == BUDGET
+        assert metric(server, 'clipvision_memory_admitted_bytes{stage="resident"}') == 0
+        assert metric(server, 'clipvision_memory_admitted_bytes{stage="decode"}') == 0
+        assert server.server.registry.budget.used == 0
+
+
+async def test_a_stream_waits_under_budget_pressure_and_answers_every_item_in_order(
+    base_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = DecodeSpy(delay_s=0.1)
+    spy.install(monkeypatch)
+    async with live_server(budget_settings(base_settings)) as server, own_channel(server) as ch:
+        stub = pb_grpc.EmbeddingServiceStub(ch)
+        budget = server.server.registry.budget
+        most = 0
+
+        async def items() -> AsyncIterator[pb.EmbedImageStreamRequest]:
+            nonlocal most
+            for index in range(12):
+                most = max(most, budget.used)
+                content = palette_png(BIG) if index % 3 else photo_bytes("rocket.jpg")
+                yield pb.EmbedImageStreamRequest(id=str(index), image=pb.Image(content=content))
+
+        answers = []
+        async for answer in stub.EmbedImageStream(items()):
+            most = max(most, budget.used)
+            answers.append(answer)
+        assert [a.id for a in answers] == [str(i) for i in range(12)]
+        assert all(a.WhichOneof("result") == "embedding" for a in answers)
+        assert spy.peak == 2, "four threads, but the budget lets two big decodes run at once"
+        assert BUDGET / 2 < most <= BUDGET
+        assert metric(server, 'clipvision_admission_waits_total{resource="memory"}') >= 1
+        assert budget.used == 0
+
+
+async def test_a_greedy_caller_cannot_lock_out_another(
+    base_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The greedy caller's images are slow (asleep, not busy: the CPUs of a small CI machine
+    # stay free), and the wait bound is generous for the same reason.
+    spy = DecodeSpy(delay_s=0.15)
+    spy.install(monkeypatch)
+    monkeypatch.setattr(servicer, "UNARY_WAIT_S", 5.0)
+    # The greedy caller's streams fill the model's queue as well as the memory budget.
+    settings = budget_settings(base_settings, max_queue_size=4, max_batch_images=4)
+    async with (
+        live_server(settings) as server,
+        own_channel(server) as greedy_channel,
+        own_channel(server) as polite_channel,
+    ):
+        greedy = pb_grpc.EmbeddingServiceStub(greedy_channel)
+        polite = pb_grpc.EmbeddingServiceStub(polite_channel)
+        await polite.EmbedImage(
+            pb.EmbedImageRequest(image=pb.Image(content=photo_bytes("rocket.jpg")))
+        )
+        answered = 0
+
+        async def flood(stream: int) -> None:
+            nonlocal answered
+
+            async def items() -> AsyncIterator[pb.EmbedImageStreamRequest]:
+                for index in range(40):  # more than the test waits for: it ends the streams
+                    yield pb.EmbedImageStreamRequest(
+                        id=f"{stream}-{index}", image=pb.Image(content=palette_png(BIG))
+                    )
+
+            async for answer in greedy.EmbedImageStream(items()):
+                assert answer.WhichOneof("result") == "embedding"
+                answered += 1
+
+        floods = [asyncio.ensure_future(flood(stream)) for stream in range(3)]
+        await asyncio.sleep(0.5)  # the greedy caller now holds the budget and the queue
+        batcher = (await server.server.registry.get("")).batcher
+        latencies = []
+        queue_full = []
+        for name in ["rocket.jpg", "chelsea.png", "camera.png", "coffee.png", "rocket.jpg"]:
+            queue_full.append(batcher.capacity.used == batcher.capacity.limit)
+            started = time.monotonic()
+            request = pb.EmbedImageRequest(image=pb.Image(content=photo_bytes(name)))
+            reply = await polite.EmbedImage(request, timeout=10)
+            latencies.append(time.monotonic() - started)
+            assert len(reply.embedding.values) == 16
+        assert 0 < answered < 120, "the greedy caller must be busy for this to show anything"
+        # Each polite call waits for the next slot and the next decode the greedy caller ends,
+        # about 0.25 s, and shares batches with it (seconds of slack for a busy CI machine),
+        # while the greedy caller's images wait for each other.
+        assert max(latencies) < 5.0, latencies
+        assert any(queue_full), "some calls came while the greedy caller held the whole queue"
+        assert spy.peak <= 2
+        for task in floods:
+            task.cancel()
+        await asyncio.gather(*floods, return_exceptions=True)
+
+
+async def test_model_info_reports_the_budget(base_settings: Settings) -> None:
+    async with live_server(budget_settings(base_settings)) as server, own_channel(server) as ch:
+        info = await pb_grpc.EmbeddingServiceStub(ch).GetModelInfo(pb.GetModelInfoRequest())
+        assert info.limits.memory_budget_bytes == BUDGET
