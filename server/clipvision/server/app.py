@@ -8,19 +8,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from typing import NoReturn
 
 import grpc
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from clipvision.server.auth import BearerTokenInterceptor
 from clipvision.server.errors import CheckpointError
+from clipvision.server.gate import CallGate, GateLimits
 from clipvision.server.health import HealthReporter
 from clipvision.server.image_sources import ImageSources
 from clipvision.server.interceptors import SERVICE_NAME, ErrorMappingInterceptor
+from clipvision.server.listener import GrpcListener, ListenerError
 from clipvision.server.metrics import ServerMetrics
 from clipvision.server.models import ModelRegistry
 from clipvision.server.servicer import EmbeddingServicer
@@ -53,6 +56,47 @@ def connection_options(settings: Settings) -> list[tuple[str, int]]:
     return options
 
 
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """Every gRPC core option the server sets: message sizes, connections, transport limits."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        *connection_options(settings),
+        # gRPC turns SO_REUSEPORT on by default, which lets a second server on the same port
+        # silently take part of the traffic; sharing a port must be asked for.
+        ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
+        ("grpc.max_allowed_incoming_connections", settings.max_connections),
+        # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: calls of any kind open on one connection.
+        ("grpc.max_concurrent_streams", settings.max_http2_streams),
+        # gRPC core queues, per method, calls the application has not yet taken (grpc.aio
+        # takes them one at a time from the event loop) and counts cancelled ones until
+        # they are taken; past 1,000 (its default) it refuses other callers' calls at
+        # random, as CANCELLED, unseen by any handler. A burst of HEADERS + RST_STREAM
+        # from many connections did that; the gate's own limits answer long before these.
+        # About 6 KiB per queued call: the hard limit bounds it near 240 MiB per method.
+        ("grpc.server.max_pending_requests", 20_000),
+        ("grpc.server.max_pending_requests_hard_limit", 40_000),
+        # A connection that never completes its HTTP/2 (or TLS) handshake is closed.
+        ("grpc.server_handshake_timeout_ms", 10_000),
+        # Requests carry images, which gRPC compression cannot shrink, and gRPC inflates a
+        # compressed message before any handler sees it (60 MB of zeros travel as 58 KB): only
+        # identity is accepted; a compressed request gets UNIMPLEMENTED from gRPC itself.
+        ("grpc.compression_enabled_algorithms_bitset", 1),
+    ]
+
+
+def gate_limits(settings: Settings) -> GateLimits:
+    """The call gate's limits, from the settings."""
+    return GateLimits(
+        max_calls=settings.max_concurrent_rpcs,
+        max_calls_per_connection=settings.max_calls_per_connection,
+        max_streams=settings.max_streams,
+        max_streams_per_connection=settings.max_streams_per_connection,
+        read_timeout_s=settings.request_read_timeout_s,
+        stream_idle_timeout_s=settings.stream_idle_timeout_s,
+    )
+
+
 class ClipVisionServer:
     """A built server and everything it owns: models, thread pools and health."""
 
@@ -76,56 +120,58 @@ class ClipVisionServer:
         self.health = HealthReporter()
         self.watchdog = DeviceWatchdog(self.registry, self.health, settings.watchdog_timeout_s)
         self.metrics.watch_devices(self.registry.devices)
-        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor(self.metrics)]  # type: ignore[type-arg]
-        if settings.auth_token:
-            interceptors.insert(0, BearerTokenInterceptor(settings.auth_token))
-        self.grpc_server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
-                ("grpc.max_send_message_length", settings.max_message_bytes),
-                *connection_options(settings),
-            ],
-            # Each call may hold a whole message in memory; this bounds their number.
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-        )
+        # The gate goes first: it refuses, counts slots and reads requests for every service.
+        self.gate = CallGate(gate_limits(settings), self.metrics, settings.auth_token)
+        self._interceptors = (self.gate, ErrorMappingInterceptor(self.metrics))
         self.sources = ImageSources(settings.image_limits, settings.fetch_policy)
-        servicer = EmbeddingServicer(
+        self._servicer = EmbeddingServicer(
             settings, self.registry, self._preprocess_executor, self.sources, self.metrics
         )
-        pb_grpc.add_EmbeddingServiceServicer_to_server(servicer, self.grpc_server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, self.grpc_server)
+        self.listener = GrpcListener(
+            self._build_grpc_server(),
+            settings.address,
+            _credentials(settings),
+            on_fatal=self._listener_lost,
+        )
+        self.fatal = asyncio.Event()
+        self._stopped = False
+        self.metrics_port: int | None = None
+
+    def _build_grpc_server(self) -> grpc.aio.Server:
+        server = grpc.aio.server(
+            interceptors=self._interceptors,
+            options=server_options(self.settings),
+        )
+        pb_grpc.add_EmbeddingServiceServicer_to_server(self._servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection(
             (
                 SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
-            self.grpc_server,
+            server,
         )
-        self._stopped = False
-        self.metrics_port: int | None = None
+        return server
+
+    def _listener_lost(self, error: BaseException) -> None:
+        # No port to answer on, and grpc is not safe to go on with: the process must exit.
+        self.fatal.set()
+
+    @property
+    def grpc_server(self) -> grpc.aio.Server:
+        """The gRPC server answering on the address now."""
+        return self.listener.server
 
     def bind(self) -> int:
         """Listen on the configured address; returns the port (useful with port 0)."""
-        tls = self.settings.tls
-        if tls is None:
-            port = self.grpc_server.add_insecure_port(self.settings.address)
-        else:
-            credentials = grpc.ssl_server_credentials(
-                [(tls.key.read_bytes(), tls.cert.read_bytes())],
-                root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
-                require_client_auth=tls.client_ca is not None,
-            )
-            port = self.grpc_server.add_secure_port(self.settings.address, credentials)
-        if port == 0:
-            raise OSError(f"could not listen on {self.settings.address}")
-        return port
+        return self.listener.bind()
 
     async def start(self) -> None:
         """Start answering calls; health says NOT_SERVING until the models are ready."""
         await self.health.set_serving(False)
-        await self.grpc_server.start()
+        self.gate.start()
+        await self.listener.start()
         if self.settings.metrics_address is not None:
             self.metrics_port = self.metrics.serve(self.settings.metrics_address)
             host = self.settings.metrics_address.rpartition(":")[0]
@@ -146,12 +192,31 @@ class ClipVisionServer:
         await self.watchdog.stop()
         await self.health.shut_down()
         self.registry.drain()
-        await self.grpc_server.stop(self.settings.grace_period_s if grace is None else grace)
+        await self.listener.stop(self.settings.grace_period_s if grace is None else grace)
+        await self.gate.stop()
         await self.registry.close()
         self.metrics.close()
-        self.sources.close()
+        await self.sources.aclose()
         self._preprocess_executor.shutdown(wait=False, cancel_futures=True)
         self._device_executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _exit_at_once() -> NoReturn:
+    """Exit with status 1 now, without draining: the listener is gone and grpc unsafe to touch."""
+    logger.critical("exiting with status 1 so that the supervisor starts a fresh process")
+    logging.shutdown()
+    os._exit(1)
+
+
+def _credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    tls = settings.tls
+    if tls is None:
+        return None
+    return grpc.ssl_server_credentials(
+        [(tls.key.read_bytes(), tls.cert.read_bytes())],
+        root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
+        require_client_auth=tls.client_ca is not None,
+    )
 
 
 async def create_server(settings: Settings) -> tuple[ClipVisionServer, int]:
@@ -162,7 +227,11 @@ async def create_server(settings: Settings) -> tuple[ClipVisionServer, int]:
 
 async def serve(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT, then drain; returns the process exit status."""
-    server, port = await create_server(settings)
+    try:
+        server, port = await create_server(settings)
+    except ListenerError as exc:
+        logger.error("cannot serve: %s", exc)
+        return 1
     await server.start()
     host = settings.address.rpartition(":")[0]
     logger.info("listening on %s:%d", host, port)
@@ -172,7 +241,10 @@ async def serve(settings: Settings) -> int:
         loop.add_signal_handler(signum, stop_requested.set)
     loading = loop.create_task(server.load_models())
     stopping = loop.create_task(stop_requested.wait())
-    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    lost = loop.create_task(server.fatal.wait())
+    await asyncio.wait({loading, stopping, lost}, return_when=asyncio.FIRST_COMPLETED)
+    if server.fatal.is_set():
+        _exit_at_once()
     status = 0
     if not loading.done():
         loading.cancel()  # a signal during start-up: stop loading, then drain
@@ -187,8 +259,11 @@ async def serve(settings: Settings) -> int:
         status = 1
     else:
         logger.info("serving %s", ", ".join(spec.name for spec in server.registry.specs))
-        await stopping
+        await asyncio.wait({stopping, lost}, return_when=asyncio.FIRST_COMPLETED)
+        if server.fatal.is_set():
+            _exit_at_once()
     stopping.cancel()
+    lost.cancel()
     if stop_requested.is_set():
         logger.info("signal received; draining for up to %.1f s", settings.grace_period_s)
     await server.stop(settings.grace_period_s if status == 0 else 0)

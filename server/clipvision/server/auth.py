@@ -1,18 +1,16 @@
-"""Optional bearer-token check: every call but health must carry the operator's token."""
+"""Optional bearer-token check: every call but health must carry the operator's token.
+
+The call gate asks it from the call's headers alone, before a call slot is
+taken or a byte of the request is read, so a caller without the token costs
+nothing that callers with it need.
+"""
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
-from typing import Any
-
-import grpc
+from collections.abc import Iterable
 
 from clipvision.server.errors import Reason, UnauthenticatedError
-from clipvision.server.interceptors import rich_status
-
-# Kubernetes' gRPC probes send no credentials, so health stays open.
-OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 MISSING = UnauthenticatedError(
     Reason.UNAUTHENTICATED,
@@ -21,37 +19,14 @@ MISSING = UnauthenticatedError(
 WRONG = UnauthenticatedError(Reason.UNAUTHENTICATED, "The bearer token is not valid.")
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Refuses calls without ``authorization: Bearer <token>`` with UNAUTHENTICATED."""
+class BearerToken:
+    """Checks ``authorization: Bearer <token>`` against the operator's token in constant time."""
 
     def __init__(self, token: str) -> None:
         self._expected = token.encode()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(OPEN_PREFIXES):
-            return handler
-        error = self._refusal(handler_call_details.invocation_metadata or ())
-        if error is None:
-            return handler
-        status = rich_status(error)
-
-        async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            await context.abort(status.code, status.details, status.trailing_metadata)
-
-        replace: Callable[..., grpc.RpcMethodHandler[Any, Any]] = handler._replace  # type: ignore[attr-defined]
-        for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-            if getattr(handler, kind) is not None:
-                return replace(**{kind: refuse})
-        return handler
-
-    def _refusal(self, metadata: Any) -> UnauthenticatedError | None:
+    def refusal(self, metadata: Iterable[tuple[str, object]]) -> UnauthenticatedError | None:
+        """None when the metadata carries the token, else the error to answer with."""
         values = [value for key, value in metadata if key == "authorization"]
         if not values:
             return MISSING

@@ -107,3 +107,32 @@ def record_image(times: StageTimes) -> None:
     record = _current.get()
     if record is not None:
         record.add(times)
+
+
+@dataclass
+class GateMark:
+    """The call gate's mark on the current call: set when the gate itself ends the call.
+
+    The gate counts and logs such a call as refused, so the books of the
+    service's interceptor must not count it a second time as cancelled.
+    """
+
+    ended_by_gate: bool = False
+
+
+_gate_mark: contextvars.ContextVar[GateMark | None] = contextvars.ContextVar(
+    "clipvision_gate_mark", default=None
+)
+
+
+def open_gate_mark() -> GateMark:
+    """Start the gate's mark of a call in the current context."""
+    mark = GateMark()
+    _gate_mark.set(mark)
+    return mark
+
+
+def ended_by_gate() -> bool:
+    """Whether the call gate ended the current call."""
+    mark = _gate_mark.get()
+    return mark is not None and mark.ended_by_gate

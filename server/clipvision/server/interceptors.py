@@ -17,7 +17,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from clipvision.server.calls import CallRecord, open_call, request_id_from
+from clipvision.server.calls import CallRecord, ended_by_gate, open_call, request_id_from
 from clipvision.server.errors import (
     ERROR_DOMAIN,
     ClipVisionError,
@@ -31,6 +31,9 @@ from clipvision.v1 import embedding_service_pb2 as pb
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 
 logger = logging.getLogger(__name__)
+
+# How close to its deadline a cancelled call must be to count as DEADLINE_EXCEEDED.
+DEADLINE_SLACK_S = 0.1
 
 GENERIC_INTERNAL = InternalError(
     Reason.INTERNAL, "The server hit an unexpected error; it has been logged, please retry."
@@ -116,6 +119,12 @@ class _CallBooks:
 
     def succeeded(self, record: CallRecord, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         context.set_trailing_metadata(record.trailing_metadata())
+        if _expired(context):
+            # A stream whose deadline passed sees the end of its requests and finishes
+            # before grpc cancels it; the caller got DEADLINE_EXCEEDED, so count that.
+            self._log(record, grpc.StatusCode.DEADLINE_EXCEEDED, "")
+            self._count(record, grpc.StatusCode.DEADLINE_EXCEEDED)
+            return
         self._count(record, grpc.StatusCode.OK)
 
     async def failed(
@@ -130,6 +139,8 @@ class _CallBooks:
             self._log(record, _status_code(int(error.code)), error.reason.value, exc)
         self._count(record, _status_code(int(error.code)))
         status = rich_status(error)
+        exc.__traceback__ = None  # its frames hold the request; see _wrap_unary
+        del exc
         await context.abort(
             status.code, status.details, (*status.trailing_metadata, *record.trailing_metadata())
         )
@@ -138,8 +149,10 @@ class _CallBooks:
         self, record: CallRecord, context: grpc.aio.ServicerContext[Any, Any], cancelled: bool
     ) -> None:
         """A call that ended without our mapping: cancelled, or a status grpc set itself."""
+        if ended_by_gate():
+            return  # the call gate ended it, and counts and logs it as refused
         if cancelled:
-            expired = (context.time_remaining() or 1.0) <= 0
+            expired = _expired(context)
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
         else:
             code = _status_code(context.code())
@@ -183,6 +196,17 @@ class _CallBooks:
         )
 
 
+def _expired(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
+    """Whether the call's deadline has passed (or all but: see DEADLINE_SLACK_S).
+
+    time_remaining() is None without a deadline and 0 once it has passed. The
+    client's own timer usually fires first and resets the stream a little before
+    the server's: a cancellation that close to the deadline is the deadline.
+    """
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= DEADLINE_SLACK_S
+
+
 def _status_code(code: object) -> grpc.StatusCode:
     if isinstance(code, grpc.StatusCode):
         return code
@@ -209,6 +233,10 @@ def _wrap_unary(behavior: Callable[..., Any], books: _CallBooks) -> Callable[...
             if _is_passthrough(exc):
                 books.ended(record, context, cancelled=False)
                 raise
+            # grpc keeps the abort's exception, whose traceback holds this frame, in a cycle
+            # with the call: without this the request (images and all) would live until a
+            # full garbage collection.
+            del request
             await books.failed(record, context, exc)
         books.succeeded(record, context)
         return response

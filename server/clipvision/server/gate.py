@@ -1,0 +1,384 @@
+"""The call gate: what every call passes before any handler runs, for every service on the port.
+
+gRPC's own admission is one pool for everything and reads a unary request
+with no time limit, so idle streams, health watches or half-sent messages could
+hold every slot. The gate instead:
+
+- refuses a call without the bearer token (when one is set) from its headers
+  alone, before it holds a slot or a byte of its message is read;
+- keeps separate pools for unary calls, streams and health watches, each
+  bounded in all and per connection; health checks need no slot, so probes are
+  always answered. When a pool is full, the holder idle the longest (a call
+  still waiting for its message, a stream that neither sends nor receives)
+  makes room, never a call that is working;
+- reads a unary request message itself, within ``read_timeout_s``, and parses
+  every request message itself, so a missing, truncated or malformed message
+  gets INVALID_ARGUMENT with a plain message instead of silence or a Python
+  exception's text;
+- ends streams idle for ``stream_idle_timeout_s``;
+- counts every refusal by method, status and reason, and logs it at a bounded rate.
+
+To do this it hands grpc a request-streaming handler with raw bytes in place of
+each handler, and calls the real one with the parsed request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from clipvision.server.auth import BearerToken
+from clipvision.server.calls import GateMark, open_gate_mark
+from clipvision.server.errors import (
+    ClipVisionError,
+    InvalidRequestError,
+    MethodNotFoundError,
+    OverloadedError,
+    Reason,
+    RequestTimeoutError,
+    ServiceUnavailableError,
+)
+from clipvision.server.interceptors import rich_status
+from clipvision.server.logs import RateLimitedLog
+from clipvision.server.metrics import ServerMetrics
+from clipvision.server.slots import Slot, SlotPool
+
+logger = logging.getLogger(__name__)
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+UNKNOWN_METHOD = "unknown"
+
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+
+
+class CallKind(Enum):
+    """Which pool a call is counted in."""
+
+    PROBE = "probe"
+    WATCH = "watch"
+    UNARY = "unary"
+    STREAM = "stream"
+
+
+@dataclass(frozen=True)
+class GateLimits:
+    """How many calls of each kind, and how long a caller may take to send its request."""
+
+    max_calls: int = 256
+    max_calls_per_connection: int = 64
+    max_streams: int = 128
+    max_streams_per_connection: int = 16
+    max_watches: int = 64
+    max_watches_per_connection: int = 4
+    read_timeout_s: float = 10.0
+    stream_idle_timeout_s: float = 300.0
+    # When a pool is full, a call that has waited this long for its request message, or a
+    # stream idle this long, is ended to make room; legitimate callers are never that slow.
+    evict_reading_after_s: float = 1.0
+    evict_idle_stream_after_s: float = 10.0
+
+
+@dataclass
+class _Call:
+    """One guarded call: its slot, its task, and the error it was ended with, if evicted."""
+
+    label: str
+    task: asyncio.Task[Any] | None
+    mark: GateMark
+    slot: Slot | None = None
+    ended_with: ClipVisionError | None = None
+
+
+class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """The first interceptor: authentication, call slots, and reading and parsing requests."""
+
+    def __init__(
+        self,
+        limits: GateLimits,
+        metrics: ServerMetrics | None = None,
+        token: str | None = None,
+    ) -> None:
+        self.limits = limits
+        self._metrics = metrics
+        self._token = BearerToken(token) if token else None
+        self.pools = {
+            CallKind.UNARY: SlotPool(
+                "unary",
+                limits.max_calls,
+                limits.max_calls_per_connection,
+                limits.evict_reading_after_s,
+            ),
+            CallKind.STREAM: SlotPool(
+                "stream",
+                limits.max_streams,
+                limits.max_streams_per_connection,
+                limits.evict_idle_stream_after_s,
+            ),
+            # Watches are idle by nature: the oldest makes room for a new one.
+            CallKind.WATCH: SlotPool(
+                "watch", limits.max_watches, limits.max_watches_per_connection, 0.0
+            ),
+        }
+        self._log = RateLimitedLog(logger)
+        self._sweeper: asyncio.Task[None] | None = None
+        if metrics is not None:
+            metrics.watch_call_slots({pool.name: pool for pool in self.pools.values()})
+
+    def start(self) -> None:
+        """Start ending streams that stay idle too long."""
+        if self._sweeper is None and self.limits.stream_idle_timeout_s > 0:
+            self._sweeper = asyncio.get_running_loop().create_task(
+                self._sweep(), name="call-gate-sweeper"
+            )
+
+    async def stop(self) -> None:
+        """Stop the sweeper."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+
+    async def _sweep(self) -> None:
+        timeout = self.limits.stream_idle_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            self.pools[CallKind.STREAM].evict_idle(timeout)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None:
+            # The path is the caller's: never a metrics label or a log line as is.
+            return self._refusal_handler(
+                UNKNOWN_METHOD,
+                MethodNotFoundError(
+                    Reason.METHOD_NOT_FOUND,
+                    "This server has no such method; reflection lists the ones it has.",
+                ),
+            )
+        kind = _kind(method, handler)
+        if self._token is not None and kind not in (CallKind.PROBE, CallKind.WATCH):
+            refusal = self._token.refusal(handler_call_details.invocation_metadata or ())
+            if refusal is not None:
+                return self._refusal_handler(method, refusal)
+        return self._guarded(handler, kind, method)
+
+    # -- handlers ---------------------------------------------------------------------------
+
+    def _refusal_handler(self, label: str, error: ClipVisionError) -> Handler:
+        async def refuse(request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            await self._refuse(context, label, error)
+
+        return grpc.stream_unary_rpc_method_handler(refuse)
+
+    def _guarded(self, handler: Handler, kind: CallKind, label: str) -> Handler:
+        deserialize = handler.request_deserializer
+        serializer = handler.response_serializer
+        behaviour: Any
+        if handler.request_streaming:
+            behaviour = (
+                handler.stream_stream if handler.response_streaming else handler.stream_unary
+            )
+        else:
+            behaviour = handler.unary_stream if handler.response_streaming else handler.unary_unary
+
+        async def request_of(
+            call: _Call, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> Any:
+            if handler.request_streaming:
+                return self._messages(call, request_iterator, deserialize)
+            return await self._read(call, context, deserialize)
+
+        if not handler.response_streaming:
+
+            async def unary_response(
+                request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> Any:
+                async with self._admitted(kind, label, context) as call:
+                    request = await request_of(call, request_iterator, context)
+                    return await behaviour(request, context)
+
+            return grpc.stream_unary_rpc_method_handler(
+                unary_response, response_serializer=serializer
+            )
+
+        if inspect.isasyncgenfunction(behaviour):
+
+            async def stream_response(
+                request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                async with self._admitted(kind, label, context) as call:
+                    request = await request_of(call, request_iterator, context)
+                    async for response in behaviour(request, context):
+                        if call.slot is not None:
+                            call.slot.touch()
+                        yield response
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_response, response_serializer=serializer
+            )
+
+        # Reader/writer style (grpc's health Watch): a coroutine that writes through context.
+        async def written_response(
+            request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> None:
+            async with self._admitted(kind, label, context) as call:
+                request = await request_of(call, request_iterator, context)
+                await behaviour(request, context)
+
+        return grpc.stream_stream_rpc_method_handler(
+            written_response, response_serializer=serializer
+        )
+
+    # -- admission, reading, parsing ------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _admitted(
+        self, kind: CallKind, label: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[_Call]:
+        """Hold a slot of ``kind``'s pool for the call; end it with its error if evicted."""
+        call = _Call(label, asyncio.current_task(), open_gate_mark())
+        pool = self.pools.get(kind)
+        if pool is not None:
+            call.slot = pool.acquire(context.peer(), lambda: self._evict(call, kind))
+            if call.slot is None:
+                await self._refuse(context, label, _full(pool))
+        try:
+            yield call
+        except asyncio.CancelledError:
+            if call.ended_with is None:
+                raise  # the caller cancelled, or the server is stopping
+            if call.task is not None:
+                call.task.uncancel()
+            await self._refuse(context, label, call.ended_with)
+        except ClipVisionError as error:
+            # From reading or parsing; EmbeddingService maps its own errors before they get here.
+            error.__traceback__ = None  # grpc keeps the abort in a cycle with the call
+            await self._refuse(context, label, error)
+        finally:
+            if call.slot is not None:
+                call.slot.release()
+
+    def _evict(self, call: _Call, kind: CallKind) -> None:
+        if call.ended_with is not None or call.task is None or call.task.done():
+            return
+        if kind is CallKind.UNARY:
+            call.ended_with = RequestTimeoutError(
+                Reason.REQUEST_READ_TIMEOUT,
+                "The call was ended because its request message had not arrived and others "
+                "needed its slot; send the message right after the call starts.",
+            )
+        else:
+            call.ended_with = ServiceUnavailableError(
+                Reason.STREAM_IDLE,
+                "The stream was idle (no message either way) and was ended to free its slot; "
+                "open a new one when you have work.",
+            )
+        call.mark.ended_by_gate = True
+        call.task.cancel()
+
+    async def _read(
+        self,
+        call: _Call,
+        context: grpc.aio.ServicerContext[Any, Any],
+        deserialize: Callable[[bytes], Any] | None,
+    ) -> Any:
+        timeout = self.limits.read_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                raw = await context.read()
+        except TimeoutError:
+            raise RequestTimeoutError(
+                Reason.REQUEST_READ_TIMEOUT,
+                f"The request message did not arrive within {timeout:g} s of the call's start; "
+                "send it right after the call starts.",
+            ) from None
+        if raw is grpc.aio.EOF:  # type: ignore[attr-defined]  # grpc-stubs predates it
+            raise InvalidRequestError(
+                Reason.REQUEST_MISSING,
+                "The call ended without a complete request message (none, truncated, or over "
+                "the size limit); send exactly one message.",
+            )
+        if call.slot is not None:
+            call.slot.set_idle(False)
+        return _parse(raw, deserialize)
+
+    async def _messages(
+        self, call: _Call, request_iterator: AsyncIterator[bytes], deserialize: Any
+    ) -> AsyncIterator[Any]:
+        async for raw in request_iterator:
+            if call.slot is not None:
+                call.slot.touch()
+            yield _parse(raw, deserialize)
+
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext[Any, Any], label: str, error: ClipVisionError
+    ) -> None:
+        """Count and log (at a bounded rate) a refused call, then end it with its status."""
+        status = rich_status(error)
+        code = status.code.name
+        if self._metrics is not None:
+            self._metrics.on_refused(label, code, error.reason.value)
+        self._log.log(
+            logging.INFO,
+            f"{label} {error.reason.value}",
+            "%s refused: %s %s (peer %s)",
+            label,
+            code,
+            error.reason.value,
+            _peer(context),
+        )
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _kind(method: str, handler: Handler) -> CallKind:
+    if method == HEALTH_CHECK:
+        return CallKind.PROBE
+    if method == HEALTH_WATCH:
+        return CallKind.WATCH
+    return CallKind.STREAM if handler.request_streaming else CallKind.UNARY
+
+
+def _full(pool: SlotPool) -> OverloadedError:
+    return OverloadedError(
+        Reason.TOO_MANY_CALLS,
+        f"The server has no free {pool.name} call slot for this caller (at most "
+        f"{pool.per_connection} per connection and {pool.capacity} in all); retry shortly, "
+        "or on another replica.",
+        retry_after_s=1.0,
+    )
+
+
+def _parse(raw: bytes, deserialize: Callable[[bytes], Any] | None) -> Any:
+    if deserialize is None:
+        return raw
+    try:
+        return deserialize(raw)
+    except Exception:  # protobuf raises DecodeError, and others for deep or odd inputs
+        raise InvalidRequestError(
+            Reason.REQUEST_MALFORMED,
+            "The request message is not a valid protobuf encoding of this method's request "
+            "type; check the client's generated code matches the server's proto.",
+        ) from None
+
+
+def _peer(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    try:
+        return str(context.peer())
+    except Exception:  # the peer string is the transport's; never let a log line fail a call
+        return "?"
