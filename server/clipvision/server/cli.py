@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import resource
 import sys
 from collections.abc import Sequence
 
@@ -10,10 +12,36 @@ from clipvision.server.logs import configure_logging
 from clipvision.server.settings import parse_settings
 
 
+def raise_file_limit() -> int:
+    """Raise the soft limit on open files to the hard limit; returns the limit now in force.
+
+    Every client connection is a file descriptor: with the common soft limit of
+    1,024, a thousand idle connections would leave none for the next one (or for
+    the model files). The hard limit is what the operator allows.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # keep what we have; --max-connections is checked against it below
+    return soft
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags and environment, configure logging, serve until signalled."""
     settings = parse_settings(argv)
     configure_logging(settings.log_level, settings.log_format)
+    files = raise_file_limit()
+    if settings.max_connections > files - 256:
+        logging.getLogger(__name__).warning(
+            "--max-connections %d is close to the open-file limit %d: connections past it "
+            "would fail to be accepted; raise the limit (ulimit -n) or lower the option",
+            settings.max_connections,
+            files,
+        )
     # Import after logging is set up: torch and transformers are slow to import.
     from clipvision.server.app import serve
 

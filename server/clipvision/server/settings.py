@@ -90,7 +90,7 @@ class Settings:
     max_streams_per_connection: int = 16
     request_read_timeout_s: float = 10.0
     stream_idle_timeout_s: float = 300.0
-    max_connections: int = 1000
+    max_connections: int = 4096
     max_http2_streams: int = 100
     reuse_port: bool = False
     watchdog_timeout_s: float = 60.0
@@ -374,7 +374,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     option(
         "--max-connections",
         defaults.max_connections,
-        "client connections accepted at once (keep it under the file descriptor limit)",
+        "client connections accepted at once; past it new ones wait in the kernel's queue (the "
+        "server raises its open-file limit to the hard limit at start; keep this under it)",
         type=_positive_int,
     )
     option(
