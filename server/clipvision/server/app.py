@@ -18,6 +18,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from clipvision.server.allocator import MemoryTrimmer
 from clipvision.server.errors import CheckpointError
 from clipvision.server.gate import CallGate, GateLimits
 from clipvision.server.health import HealthReporter
@@ -233,6 +234,9 @@ async def serve(settings: Settings) -> int:
         logger.error("cannot serve: %s", exc)
         return 1
     await server.start()
+    # Process-wide (gc.freeze, malloc_trim), so here and not in ClipVisionServer, which
+    # tests build in their own process.
+    trimmer = MemoryTrimmer()
     host = settings.address.rpartition(":")[0]
     logger.info("listening on %s:%d", host, port)
     loop = asyncio.get_running_loop()
@@ -259,6 +263,7 @@ async def serve(settings: Settings) -> int:
         status = 1
     else:
         logger.info("serving %s", ", ".join(spec.name for spec in server.registry.specs))
+        trimmer.start()  # after the load, so that gc.freeze covers the models
         await asyncio.wait({stopping, lost}, return_when=asyncio.FIRST_COMPLETED)
         if server.fatal.is_set():
             _exit_at_once()
@@ -267,5 +272,6 @@ async def serve(settings: Settings) -> int:
     if stop_requested.is_set():
         logger.info("signal received; draining for up to %.1f s", settings.grace_period_s)
     await server.stop(settings.grace_period_s if status == 0 else 0)
+    await asyncio.to_thread(trimmer.stop)
     logger.info("stopped")
     return status
