@@ -84,8 +84,8 @@ def test_the_container_limit_is_read_from_cgroup_v2_then_v1(tmp_path: Path) -> N
     assert container_limit(v2, v1) == 4 << 30
 
 
-def test_the_default_budget_is_half_of_what_the_models_leave() -> None:
-    assert default_budget(4 << 30, 1 << 30) == 3 << 29
+def test_the_default_budget_is_30_percent_of_what_the_models_leave() -> None:
+    assert default_budget(4 << 30, 1 << 30) == int((3 << 30) * 0.3)
     assert default_budget(1 << 30, 2 << 30) == MIN_BUDGET  # a limit under the resident size
 
 

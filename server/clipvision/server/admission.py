@@ -179,7 +179,7 @@ class ItemCost:
     """The bytes one image holds: some until it is answered, more while it is decoded."""
 
     resident: int
-    """Its encoded bytes and its cropped pixels, held from admission to the answer."""
+    """Its encoded bytes (twice: message and copy) and its cropped pixels, until answered."""
     decode: int
     """Its decode working set, held while it is decoded (estimated from its header)."""
 

@@ -63,7 +63,9 @@ class ClipImageEncoder:
         """What a probed image holds: bytes and pixels until answered, more while decoded."""
         config = self.checkpoint.preprocess
         return ItemCost(
-            resident=probed.encoded_bytes + output_bytes(probed, config),
+            # Twice: the request message holds the bytes, and so does the copy protobuf
+            # makes when Image.content is read (upb copies bytes fields on access).
+            resident=2 * probed.encoded_bytes + output_bytes(probed, config),
             decode=decode_working_set(probed, config),
         )
 

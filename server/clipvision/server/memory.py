@@ -15,9 +15,11 @@ logger = logging.getLogger(__name__)
 MIB = 1 << 20
 
 # The default budget is this fraction of what the limit leaves once the models are resident:
-# the rest is headroom for torch's activations at the largest batch, gRPC's buffers of the
-# messages in flight, the interpreter and the allocator's fragmentation.
-BUDGET_FRACTION = 0.5
+# the rest is headroom for torch's activations at the largest batch, the message each stream
+# has read but not yet admitted, gRPC's buffers, the interpreter and the allocator's
+# fragmentation (measured with bench/memory.py: 0.5 let 16 streams of 20 MB images peak at
+# 4.0 GiB of a 4 GiB limit).
+BUDGET_FRACTION = 0.3
 MIN_BUDGET = 64 * MIB
 
 _UNITS = {

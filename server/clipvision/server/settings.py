@@ -75,7 +75,7 @@ class Settings:
     max_queue_size: int = 256
     # Bytes; None: the container's memory limit (cgroup), else the RAM.
     memory_limit: int | None = None
-    # Bytes for images in flight; None: half of what the limit leaves once models are loaded.
+    # Bytes for images in flight; None: 30 % of what the limit leaves once models are loaded.
     memory_budget: int | None = None
     stream_window: int = 64
     max_message_bytes: int = 64 * MIB
