@@ -324,7 +324,11 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         async for raw in request_iterator:
             if call.slot is not None:
                 call.slot.touch()
-            yield _parse(raw, deserialize)
+            message = _parse(raw, deserialize)
+            # Not held while the handler works on the message: an image stream's raw bytes
+            # would otherwise stay in memory beside the parsed copy until the next one.
+            del raw
+            yield message
 
     async def _refuse(
         self, context: grpc.aio.ServicerContext[Any, Any], label: str, error: ClipVisionError
