@@ -3,6 +3,7 @@
 # weights in float16, about 6 minutes in all.
 #
 #   bash bench/gpu.sh                  # results in bench/results/ (or $OUT when set)
+#   BENCH_SECONDS=10 bash bench/gpu.sh # shorter scenarios (default 15 s each)
 #
 # It needs torch with CUDA, transformers, pillow, numpy and prometheus-client, as
 # the usual CUDA images have them, plus grpcio, grpcio-status,
@@ -33,6 +34,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 for model in ViT-B/32 ViT-L/14; do
     name="$(echo "$model" | tr -d '/' | tr 'A-Z' 'a-z')"
     "$PY" bench/throughput.py --model "$model" --device cuda --dtype float16 \
-        --seconds 15 --callers 1,8,32,128 --ceiling-batches 32,64,128 \
+        --seconds "${BENCH_SECONDS:-15}" --callers 1,8,32,128 --ceiling-batches 32,64,128 \
         --out "$RESULTS/gpu-$name.json"
 done

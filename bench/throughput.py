@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -51,6 +52,7 @@ from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ROOT / "tests" / "data"
 SIZES = ((640, 480), (1920, 1080))
+CALLERS_PER_CONNECTION = 32
 
 
 @dataclass
@@ -274,22 +276,37 @@ async def unary_load(
 ) -> Scenario:
     source = cycle(images)
     latencies: list[float] = []
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        stub = pb_grpc.EmbeddingServiceStub(channel)
-        for _ in range(min(callers, 4)):  # warm the connection and the model
-            await stub.EmbedImage(pb.EmbedImageRequest(image=pb.Image(content=images[0])))
+    # One connection per CALLERS_PER_CONNECTION callers, as separate client
+    # processes would have: the server caps unary calls per connection (64).
+    connections = -(-callers // CALLERS_PER_CONNECTION)
+    async with contextlib.AsyncExitStack() as stack:
+        stubs = [
+            pb_grpc.EmbeddingServiceStub(
+                await stack.enter_async_context(
+                    grpc.aio.insecure_channel(
+                        f"127.0.0.1:{server.port}",
+                        options=[("grpc.use_local_subchannel_pool", 1)],
+                    )
+                )
+            )
+            for _ in range(connections)
+        ]
+        for index in range(max(connections, min(callers, 4))):  # warm connections and model
+            await stubs[index % connections].EmbedImage(
+                pb.EmbedImageRequest(image=pb.Image(content=images[0]))
+            )
         before = server.batch_totals()
         started = time.perf_counter()
         deadline = started + seconds
 
-        async def caller() -> None:
+        async def caller(stub: pb_grpc.EmbeddingServiceStub) -> None:
             while time.perf_counter() < deadline:
                 request = pb.EmbedImageRequest(image=pb.Image(content=next(source)))
                 sent = time.perf_counter()
                 await stub.EmbedImage(request, timeout=120)
                 latencies.append(time.perf_counter() - sent)
 
-        await asyncio.gather(*(caller() for _ in range(callers)))
+        await asyncio.gather(*(caller(stubs[index % connections]) for index in range(callers)))
         elapsed = time.perf_counter() - started
         after = server.batch_totals()
     return Scenario(
