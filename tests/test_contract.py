@@ -45,10 +45,15 @@ def test_every_rpc_uses_its_own_request_and_response() -> None:
         "EmbedImages",
         "EmbedImageStream",
         "GetModelInfo",
+        "EmbedText",
+        "EmbedTexts",
+        "EmbedTextStream",
+        "Classify",
     ]
     for method in service.methods:
         assert method.input_type.name == f"{method.name}Request"
         assert method.output_type.name == f"{method.name}Response"
-    stream = service.methods_by_name["EmbedImageStream"]
-    assert stream.client_streaming
-    assert stream.server_streaming
+    for name in ("EmbedImageStream", "EmbedTextStream"):
+        stream = service.methods_by_name[name]
+        assert stream.client_streaming
+        assert stream.server_streaming

@@ -59,6 +59,30 @@ INTERPOLATION_HAMMING: Interpolation.ValueType  # 6
 """Hamming filter."""
 Global___Interpolation: _TypeAlias = Interpolation  # noqa: Y015
 
+class _Modality:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModalityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Modality.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODALITY_UNSPECIFIED: _Modality.ValueType  # 0
+    """Not a modality."""
+    MODALITY_IMAGE: _Modality.ValueType  # 1
+    """Images: EmbedImage, EmbedImages, EmbedImageStream and Classify."""
+    MODALITY_TEXT: _Modality.ValueType  # 2
+    """Texts: EmbedText, EmbedTexts, EmbedTextStream and Classify's labels."""
+
+class Modality(_Modality, metaclass=_ModalityEnumTypeWrapper):
+    """Modality is a kind of input a model embeds."""
+
+MODALITY_UNSPECIFIED: Modality.ValueType  # 0
+"""Not a modality."""
+MODALITY_IMAGE: Modality.ValueType  # 1
+"""Images: EmbedImage, EmbedImages, EmbedImageStream and Classify."""
+MODALITY_TEXT: Modality.ValueType  # 2
+"""Texts: EmbedText, EmbedTexts, EmbedTextStream and Classify's labels."""
+Global___Modality: _TypeAlias = Modality  # noqa: Y015
+
 @_typing.final
 class Image(_message.Message):
     """Image is one image to embed, given either inline or by reference."""
@@ -103,10 +127,16 @@ class Embedding(_message.Message):
     VALUES_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     NORMALIZED_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The name of the model that computed this embedding."""
     normalized: _builtins.bool
     """True when the vector has been L2-normalised to unit length."""
+    truncated: _builtins.bool
+    """Texts only: true when the text was longer than the model's context
+    (ModelInfo.text_context_length tokens) and only its first tokens were
+    embedded. Always false for images.
+    """
     @_builtins.property
     def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """The embedding vector; its length is the model's embedding dimension."""
@@ -117,10 +147,11 @@ class Embedding(_message.Message):
         values: _abc.Iterable[_builtins.float] | None = ...,
         model: _builtins.str = ...,
         normalized: _builtins.bool = ...,
+        truncated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "normalized", b"normalized", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "normalized", b"normalized", "truncated", b"truncated", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -143,8 +174,10 @@ class ItemError(_message.Message):
     """A stable UPPER_SNAKE_CASE reason, for example IMAGE_DECODE_FAILED,
     IMAGE_FORMAT_UNSUPPORTED, IMAGE_TOO_LARGE, IMAGE_TOO_MANY_PIXELS,
     IMAGE_TOO_SMALL, IMAGE_EMPTY, IMAGE_MISSING, URI_INVALID,
-    URI_SCHEME_REFUSED, TOO_MANY_IMAGES, QUEUE_FULL, MODEL_NOT_FOUND,
-    MODEL_LOADING, MODEL_LOAD_FAILED, SERVER_DRAINING or INTERNAL.
+    URI_SCHEME_REFUSED, TEXT_EMPTY, TEXT_TOO_LONG, TEXT_TOO_LARGE,
+    TOO_MANY_IMAGES, TOO_MANY_TEXTS, QUEUE_FULL, MODEL_NOT_FOUND,
+    MODALITY_NOT_SERVED, MODEL_LOADING, MODEL_LOAD_FAILED, SERVER_DRAINING or
+    INTERNAL.
     """
     message: _builtins.str
     """One human-readable sentence that says what was wrong and what to do."""
@@ -392,6 +425,378 @@ class EmbedImageStreamResponse(_message.Message):
 Global___EmbedImageStreamResponse: _TypeAlias = EmbedImageStreamResponse  # noqa: Y015
 
 @_typing.final
+class EmbedTextRequest(_message.Message):
+    """EmbedTextRequest asks for the embedding of one text."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    NORMALIZE_FIELD_NUMBER: _builtins.int
+    TRUNCATE_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The text to embed, UTF-8, not empty, at most
+    GetModelInfoResponse.limits.max_text_bytes bytes.
+    """
+    model: _builtins.str
+    """The name of the model to use; empty selects the server's default model."""
+    normalize: _builtins.bool
+    """Whether to L2-normalise the embedding. Unset means true; false returns
+    the raw projected features, exactly as CLIPModel.get_text_features.
+    """
+    truncate: _builtins.bool
+    """What to do with a text longer than the model's context. Unset or true:
+    embed its first tokens and set Embedding.truncated. False: refuse it
+    with INVALID_ARGUMENT (TEXT_TOO_LONG), naming the limit.
+    """
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        model: _builtins.str = ...,
+        normalize: _builtins.bool | None = ...,
+        truncate: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "_truncate", b"_truncate", "normalize", b"normalize", "truncate", b"truncate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "_truncate", b"_truncate", "model", b"model", "normalize", b"normalize", "text", b"text", "truncate", b"truncate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
+    _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
+    _WhichOneofReturnType__truncate: _TypeAlias = _typing.Literal["truncate"]  # noqa: Y015
+    _WhichOneofArgType__truncate: _TypeAlias = _typing.Literal["_truncate", b"_truncate"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__normalize) -> _WhichOneofReturnType__normalize | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__truncate) -> _WhichOneofReturnType__truncate | None: ...
+
+Global___EmbedTextRequest: _TypeAlias = EmbedTextRequest  # noqa: Y015
+
+@_typing.final
+class EmbedTextResponse(_message.Message):
+    """EmbedTextResponse carries the embedding of one text."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMBEDDING_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def embedding(self) -> Global___Embedding:
+        """The embedding of the requested text."""
+
+    def __init__(
+        self,
+        *,
+        embedding: Global___Embedding | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbedTextResponse: _TypeAlias = EmbedTextResponse  # noqa: Y015
+
+@_typing.final
+class EmbedTextsRequest(_message.Message):
+    """EmbedTextsRequest asks for the embeddings of several texts at once."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXTS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    NORMALIZE_FIELD_NUMBER: _builtins.int
+    TRUNCATE_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The name of the model to use; empty selects the server's default model."""
+    normalize: _builtins.bool
+    """Whether to L2-normalise the embeddings; as EmbedTextRequest.normalize."""
+    truncate: _builtins.bool
+    """What to do with texts longer than the context; as
+    EmbedTextRequest.truncate (a refused text is answered in-band).
+    """
+    @_builtins.property
+    def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The texts to embed, at most GetModelInfoResponse.limits.max_batch_texts."""
+
+    def __init__(
+        self,
+        *,
+        texts: _abc.Iterable[_builtins.str] | None = ...,
+        model: _builtins.str = ...,
+        normalize: _builtins.bool | None = ...,
+        truncate: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "_truncate", b"_truncate", "normalize", b"normalize", "truncate", b"truncate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "_truncate", b"_truncate", "model", b"model", "normalize", b"normalize", "texts", b"texts", "truncate", b"truncate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
+    _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
+    _WhichOneofReturnType__truncate: _TypeAlias = _typing.Literal["truncate"]  # noqa: Y015
+    _WhichOneofArgType__truncate: _TypeAlias = _typing.Literal["_truncate", b"_truncate"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__normalize) -> _WhichOneofReturnType__normalize | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__truncate) -> _WhichOneofReturnType__truncate | None: ...
+
+Global___EmbedTextsRequest: _TypeAlias = EmbedTextsRequest  # noqa: Y015
+
+@_typing.final
+class EmbedTextsResult(_message.Message):
+    """EmbedTextsResult is the outcome for one text of an EmbedTextsRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMBEDDING_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def embedding(self) -> Global___Embedding:
+        """The embedding of the text."""
+
+    @_builtins.property
+    def error(self) -> Global___ItemError:
+        """Why this text could not be embedded."""
+
+    def __init__(
+        self,
+        *,
+        embedding: Global___Embedding | None = ...,
+        error: Global___ItemError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding", "error", b"error", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding", "error", b"error", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["embedding", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___EmbedTextsResult: _TypeAlias = EmbedTextsResult  # noqa: Y015
+
+@_typing.final
+class EmbedTextsResponse(_message.Message):
+    """EmbedTextsResponse carries one result per requested text."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___EmbedTextsResult]:
+        """The results, in the same order as EmbedTextsRequest.texts."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___EmbedTextsResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbedTextsResponse: _TypeAlias = EmbedTextsResponse  # noqa: Y015
+
+@_typing.final
+class EmbedTextStreamRequest(_message.Message):
+    """EmbedTextStreamRequest is one item of a text stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    NORMALIZE_FIELD_NUMBER: _builtins.int
+    TRUNCATE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """A caller-chosen identifier, echoed unchanged in the matching response."""
+    text: _builtins.str
+    """The text to embed; as EmbedTextRequest.text."""
+    model: _builtins.str
+    """The name of the model to use; empty selects the server's default model."""
+    normalize: _builtins.bool
+    """Whether to L2-normalise the embedding; as EmbedTextRequest.normalize."""
+    truncate: _builtins.bool
+    """What to do with a text longer than the context; as
+    EmbedTextRequest.truncate (a refused text is answered in-band).
+    """
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        text: _builtins.str = ...,
+        model: _builtins.str = ...,
+        normalize: _builtins.bool | None = ...,
+        truncate: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "_truncate", b"_truncate", "normalize", b"normalize", "truncate", b"truncate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_normalize", b"_normalize", "_truncate", b"_truncate", "id", b"id", "model", b"model", "normalize", b"normalize", "text", b"text", "truncate", b"truncate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__normalize: _TypeAlias = _typing.Literal["normalize"]  # noqa: Y015
+    _WhichOneofArgType__normalize: _TypeAlias = _typing.Literal["_normalize", b"_normalize"]  # noqa: Y015
+    _WhichOneofReturnType__truncate: _TypeAlias = _typing.Literal["truncate"]  # noqa: Y015
+    _WhichOneofArgType__truncate: _TypeAlias = _typing.Literal["_truncate", b"_truncate"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__normalize) -> _WhichOneofReturnType__normalize | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__truncate) -> _WhichOneofReturnType__truncate | None: ...
+
+Global___EmbedTextStreamRequest: _TypeAlias = EmbedTextStreamRequest  # noqa: Y015
+
+@_typing.final
+class EmbedTextStreamResponse(_message.Message):
+    """EmbedTextStreamResponse is the outcome for one EmbedTextStreamRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    EMBEDDING_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The id of the request this response answers."""
+    @_builtins.property
+    def embedding(self) -> Global___Embedding:
+        """The embedding of the text."""
+
+    @_builtins.property
+    def error(self) -> Global___ItemError:
+        """Why this text could not be embedded."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        embedding: Global___Embedding | None = ...,
+        error: Global___ItemError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding", "error", b"error", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embedding", b"embedding", "error", b"error", "id", b"id", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["embedding", "error"]  # noqa: Y015
+    _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
+
+Global___EmbedTextStreamResponse: _TypeAlias = EmbedTextStreamResponse  # noqa: Y015
+
+@_typing.final
+class ClassifyRequest(_message.Message):
+    """ClassifyRequest asks how well each of several labels describes one image."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    PROMPT_TEMPLATE_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    TRUNCATE_FIELD_NUMBER: _builtins.int
+    prompt_template: _builtins.str
+    """A template each label is put into before it is embedded, with exactly
+    one "{}" where the label goes, for example "a photo of a {}". Empty
+    embeds the labels as they are.
+    """
+    model: _builtins.str
+    """The name of the model to use; empty selects the server's default model."""
+    truncate: _builtins.bool
+    """What to do with a prompt longer than the context; as
+    EmbedTextRequest.truncate (a refused prompt fails the call).
+    """
+    @_builtins.property
+    def image(self) -> Global___Image:
+        """The image to classify."""
+
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The candidate labels, at least one and at most
+        GetModelInfoResponse.limits.max_classify_labels, none empty.
+        """
+
+    def __init__(
+        self,
+        *,
+        image: Global___Image | None = ...,
+        labels: _abc.Iterable[_builtins.str] | None = ...,
+        prompt_template: _builtins.str = ...,
+        model: _builtins.str = ...,
+        truncate: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_truncate", b"_truncate", "image", b"image", "truncate", b"truncate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_truncate", b"_truncate", "image", b"image", "labels", b"labels", "model", b"model", "prompt_template", b"prompt_template", "truncate", b"truncate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__truncate: _TypeAlias = _typing.Literal["truncate"]  # noqa: Y015
+    _WhichOneofArgType__truncate: _TypeAlias = _typing.Literal["_truncate", b"_truncate"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__truncate) -> _WhichOneofReturnType__truncate | None: ...
+
+Global___ClassifyRequest: _TypeAlias = ClassifyRequest  # noqa: Y015
+
+@_typing.final
+class LabelScore(_message.Message):
+    """LabelScore is how well one label describes the image."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABEL_FIELD_NUMBER: _builtins.int
+    PROBABILITY_FIELD_NUMBER: _builtins.int
+    COSINE_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    label: _builtins.str
+    """The label, as it was sent (without the template)."""
+    probability: _builtins.float
+    """The softmax over all labels of logit_scale times the cosine, exactly as
+    CLIPModel's logits_per_image.softmax(-1); the scores of one response sum
+    to 1.
+    """
+    cosine: _builtins.float
+    """The cosine similarity of the image's and the prompt's embeddings."""
+    truncated: _builtins.bool
+    """True when the prompt was longer than the context and was truncated."""
+    def __init__(
+        self,
+        *,
+        label: _builtins.str = ...,
+        probability: _builtins.float = ...,
+        cosine: _builtins.float = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cosine", b"cosine", "label", b"label", "probability", b"probability", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LabelScore: _TypeAlias = LabelScore  # noqa: Y015
+
+@_typing.final
+class ClassifyResponse(_message.Message):
+    """ClassifyResponse carries one score per label."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCORES_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The name of the model that computed the scores."""
+    @_builtins.property
+    def scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelScore]:
+        """The scores, in the same order as ClassifyRequest.labels."""
+
+    def __init__(
+        self,
+        *,
+        scores: _abc.Iterable[Global___LabelScore] | None = ...,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "scores", b"scores"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClassifyResponse: _TypeAlias = ClassifyResponse  # noqa: Y015
+
+@_typing.final
 class GetModelInfoRequest(_message.Message):
     """GetModelInfoRequest asks for a description of the served models."""
 
@@ -480,6 +885,10 @@ class ModelInfo(_message.Message):
     DUMMY_WEIGHTS_FIELD_NUMBER: _builtins.int
     LOADED_FIELD_NUMBER: _builtins.int
     IS_DEFAULT_FIELD_NUMBER: _builtins.int
+    MODALITIES_FIELD_NUMBER: _builtins.int
+    TEXT_CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
+    VOCAB_SIZE_FIELD_NUMBER: _builtins.int
+    LOGIT_SCALE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name requests use to select this model."""
     source: _builtins.str
@@ -502,9 +911,26 @@ class ModelInfo(_message.Message):
     """
     is_default: _builtins.bool
     """True for the model that requests with an empty model name use."""
+    text_context_length: _builtins.int
+    """The longest text, in tokens (the start and end tokens included), the
+    text tower takes; 77 for the OpenAI checkpoints. Zero without a text
+    tower.
+    """
+    vocab_size: _builtins.int
+    """The size of the tokenizer's vocabulary; zero without a text tower."""
+    logit_scale: _builtins.float
+    """The learned temperature: Classify multiplies cosines by it before the
+    softmax (CLIPModel's logit_scale.exp()). Zero without a text tower.
+    """
     @_builtins.property
     def preprocessing(self) -> Global___Preprocessing:
         """How images are preprocessed for this model."""
+
+    @_builtins.property
+    def modalities(self) -> _containers.RepeatedScalarFieldContainer[Global___Modality.ValueType]:
+        """The inputs this model embeds: images always; texts when the checkpoint
+        holds the text tower and its tokenizer.
+        """
 
     def __init__(
         self,
@@ -519,10 +945,14 @@ class ModelInfo(_message.Message):
         dummy_weights: _builtins.bool = ...,
         loaded: _builtins.bool = ...,
         is_default: _builtins.bool = ...,
+        modalities: _abc.Iterable[Global___Modality.ValueType] | None = ...,
+        text_context_length: _builtins.int = ...,
+        vocab_size: _builtins.int = ...,
+        logit_scale: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["preprocessing", b"preprocessing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dtype", b"dtype", "dummy_weights", b"dummy_weights", "embedding_dimension", b"embedding_dimension", "image_size", b"image_size", "is_default", b"is_default", "loaded", b"loaded", "name", b"name", "preprocessing", b"preprocessing", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dtype", b"dtype", "dummy_weights", b"dummy_weights", "embedding_dimension", b"embedding_dimension", "image_size", b"image_size", "is_default", b"is_default", "loaded", b"loaded", "logit_scale", b"logit_scale", "modalities", b"modalities", "name", b"name", "preprocessing", b"preprocessing", "source", b"source", "text_context_length", b"text_context_length", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -541,6 +971,9 @@ class Limits(_message.Message):
     STREAM_WINDOW_FIELD_NUMBER: _builtins.int
     MAX_QUEUE_SIZE_FIELD_NUMBER: _builtins.int
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_TEXTS_FIELD_NUMBER: _builtins.int
+    MAX_TEXT_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_CLASSIFY_LABELS_FIELD_NUMBER: _builtins.int
     max_batch_images: _builtins.int
     """The largest number of images one EmbedImagesRequest may carry."""
     max_receive_message_bytes: _builtins.int
@@ -567,6 +1000,14 @@ class Limits(_message.Message):
     and streams wait; one image that needs more than all of it is refused
     with INVALID_ARGUMENT (IMAGE_OVER_MEMORY_BUDGET).
     """
+    max_batch_texts: _builtins.int
+    """The largest number of texts one EmbedTextsRequest may carry."""
+    max_text_bytes: _builtins.int
+    """The largest text, in UTF-8 bytes, that the server accepts, whether or
+    not it would be truncated.
+    """
+    max_classify_labels: _builtins.int
+    """The largest number of labels one ClassifyRequest may carry."""
     def __init__(
         self,
         *,
@@ -577,10 +1018,13 @@ class Limits(_message.Message):
         stream_window: _builtins.int = ...,
         max_queue_size: _builtins.int = ...,
         memory_budget_bytes: _builtins.int = ...,
+        max_batch_texts: _builtins.int = ...,
+        max_text_bytes: _builtins.int = ...,
+        max_classify_labels: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_images", b"max_batch_images", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_queue_size", b"max_queue_size", "max_receive_message_bytes", b"max_receive_message_bytes", "memory_budget_bytes", b"memory_budget_bytes", "stream_window", b"stream_window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_images", b"max_batch_images", "max_batch_texts", b"max_batch_texts", "max_classify_labels", b"max_classify_labels", "max_image_bytes", b"max_image_bytes", "max_image_pixels", b"max_image_pixels", "max_queue_size", b"max_queue_size", "max_receive_message_bytes", b"max_receive_message_bytes", "max_text_bytes", b"max_text_bytes", "memory_budget_bytes", b"memory_budget_bytes", "stream_window", b"stream_window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,17 +26,20 @@ if _version_not_supported:
 
 
 class EmbeddingServiceStub:
-    """EmbeddingService turns images into CLIP image embeddings.
+    """EmbeddingService turns images and texts into CLIP embeddings, and scores
+    an image against text labels (zero-shot classification).
 
     Every RPC accepts images either as encoded bytes or as a URI. A request may
     name one of the served models; an empty name selects the server's default
-    model (the first one it was started with).
+    model (the first one it was started with). Image and text embeddings of the
+    same model live in the same space: the cosine of an image's and a text's
+    normalised vectors says how well the text describes the image.
 
     Request-level failures are gRPC statuses whose details carry a
     google.rpc.ErrorInfo with domain "clipvision.dev" and one of the reasons
-    listed on ItemError. Per-image failures inside EmbedImages and
-    EmbedImageStream are reported in-band with an ItemError instead, so that one
-    bad image never fails the other images of the same call.
+    listed on ItemError. Per-item failures inside EmbedImages, EmbedTexts and
+    the streams are reported in-band with an ItemError instead, so that one bad
+    item never fails the other items of the same call.
     """
 
     def __init__(self, channel):
@@ -65,20 +68,43 @@ class EmbeddingServiceStub:
                 request_serializer=clipvision_dot_v1_dot_embedding__service__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=clipvision_dot_v1_dot_embedding__service__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.EmbedText = channel.unary_unary(
+                '/clipvision.v1.EmbeddingService/EmbedText',
+                request_serializer=clipvision_dot_v1_dot_embedding__service__pb2.EmbedTextRequest.SerializeToString,
+                response_deserializer=clipvision_dot_v1_dot_embedding__service__pb2.EmbedTextResponse.FromString,
+                _registered_method=True)
+        self.EmbedTexts = channel.unary_unary(
+                '/clipvision.v1.EmbeddingService/EmbedTexts',
+                request_serializer=clipvision_dot_v1_dot_embedding__service__pb2.EmbedTextsRequest.SerializeToString,
+                response_deserializer=clipvision_dot_v1_dot_embedding__service__pb2.EmbedTextsResponse.FromString,
+                _registered_method=True)
+        self.EmbedTextStream = channel.stream_stream(
+                '/clipvision.v1.EmbeddingService/EmbedTextStream',
+                request_serializer=clipvision_dot_v1_dot_embedding__service__pb2.EmbedTextStreamRequest.SerializeToString,
+                response_deserializer=clipvision_dot_v1_dot_embedding__service__pb2.EmbedTextStreamResponse.FromString,
+                _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/clipvision.v1.EmbeddingService/Classify',
+                request_serializer=clipvision_dot_v1_dot_embedding__service__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=clipvision_dot_v1_dot_embedding__service__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
 
 
 class EmbeddingServiceServicer:
-    """EmbeddingService turns images into CLIP image embeddings.
+    """EmbeddingService turns images and texts into CLIP embeddings, and scores
+    an image against text labels (zero-shot classification).
 
     Every RPC accepts images either as encoded bytes or as a URI. A request may
     name one of the served models; an empty name selects the server's default
-    model (the first one it was started with).
+    model (the first one it was started with). Image and text embeddings of the
+    same model live in the same space: the cosine of an image's and a text's
+    normalised vectors says how well the text describes the image.
 
     Request-level failures are gRPC statuses whose details carry a
     google.rpc.ErrorInfo with domain "clipvision.dev" and one of the reasons
-    listed on ItemError. Per-image failures inside EmbedImages and
-    EmbedImageStream are reported in-band with an ItemError instead, so that one
-    bad image never fails the other images of the same call.
+    listed on ItemError. Per-item failures inside EmbedImages, EmbedTexts and
+    the streams are reported in-band with an ItemError instead, so that one bad
+    item never fails the other items of the same call.
     """
 
     def EmbedImage(self, request, context):
@@ -118,6 +144,41 @@ class EmbeddingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EmbedText(self, request, context):
+        """EmbedText embeds one text with the model's text tower. A bad text fails
+        the call with INVALID_ARGUMENT; a model served without its text tower
+        fails it with FAILED_PRECONDITION (MODALITY_NOT_SERVED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EmbedTexts(self, request, context):
+        """EmbedTexts embeds up to GetModelInfoResponse.limits.max_batch_texts
+        texts. It returns one result per text, in request order, each an
+        embedding or an ItemError.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EmbedTextStream(self, request_iterator, context):
+        """EmbedTextStream embeds a stream of texts with the same guarantees as
+        EmbedImageStream: one response per request, in request order, the id
+        echoed, bad items answered in-band, backpressure by reading more slowly.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Classify(self, request, context):
+        """Classify scores one image against candidate labels (zero-shot): one score
+        per label, in the order of ClassifyRequest.labels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +202,26 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
                     request_deserializer=clipvision_dot_v1_dot_embedding__service__pb2.GetModelInfoRequest.FromString,
                     response_serializer=clipvision_dot_v1_dot_embedding__service__pb2.GetModelInfoResponse.SerializeToString,
             ),
+            'EmbedText': grpc.unary_unary_rpc_method_handler(
+                    servicer.EmbedText,
+                    request_deserializer=clipvision_dot_v1_dot_embedding__service__pb2.EmbedTextRequest.FromString,
+                    response_serializer=clipvision_dot_v1_dot_embedding__service__pb2.EmbedTextResponse.SerializeToString,
+            ),
+            'EmbedTexts': grpc.unary_unary_rpc_method_handler(
+                    servicer.EmbedTexts,
+                    request_deserializer=clipvision_dot_v1_dot_embedding__service__pb2.EmbedTextsRequest.FromString,
+                    response_serializer=clipvision_dot_v1_dot_embedding__service__pb2.EmbedTextsResponse.SerializeToString,
+            ),
+            'EmbedTextStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.EmbedTextStream,
+                    request_deserializer=clipvision_dot_v1_dot_embedding__service__pb2.EmbedTextStreamRequest.FromString,
+                    response_serializer=clipvision_dot_v1_dot_embedding__service__pb2.EmbedTextStreamResponse.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=clipvision_dot_v1_dot_embedding__service__pb2.ClassifyRequest.FromString,
+                    response_serializer=clipvision_dot_v1_dot_embedding__service__pb2.ClassifyResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'clipvision.v1.EmbeddingService', rpc_method_handlers)
@@ -150,17 +231,20 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class EmbeddingService:
-    """EmbeddingService turns images into CLIP image embeddings.
+    """EmbeddingService turns images and texts into CLIP embeddings, and scores
+    an image against text labels (zero-shot classification).
 
     Every RPC accepts images either as encoded bytes or as a URI. A request may
     name one of the served models; an empty name selects the server's default
-    model (the first one it was started with).
+    model (the first one it was started with). Image and text embeddings of the
+    same model live in the same space: the cosine of an image's and a text's
+    normalised vectors says how well the text describes the image.
 
     Request-level failures are gRPC statuses whose details carry a
     google.rpc.ErrorInfo with domain "clipvision.dev" and one of the reasons
-    listed on ItemError. Per-image failures inside EmbedImages and
-    EmbedImageStream are reported in-band with an ItemError instead, so that one
-    bad image never fails the other images of the same call.
+    listed on ItemError. Per-item failures inside EmbedImages, EmbedTexts and
+    the streams are reported in-band with an ItemError instead, so that one bad
+    item never fails the other items of the same call.
     """
 
     @staticmethod
@@ -261,6 +345,114 @@ class EmbeddingService:
             '/clipvision.v1.EmbeddingService/GetModelInfo',
             clipvision_dot_v1_dot_embedding__service__pb2.GetModelInfoRequest.SerializeToString,
             clipvision_dot_v1_dot_embedding__service__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EmbedText(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clipvision.v1.EmbeddingService/EmbedText',
+            clipvision_dot_v1_dot_embedding__service__pb2.EmbedTextRequest.SerializeToString,
+            clipvision_dot_v1_dot_embedding__service__pb2.EmbedTextResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EmbedTexts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clipvision.v1.EmbeddingService/EmbedTexts',
+            clipvision_dot_v1_dot_embedding__service__pb2.EmbedTextsRequest.SerializeToString,
+            clipvision_dot_v1_dot_embedding__service__pb2.EmbedTextsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EmbedTextStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/clipvision.v1.EmbeddingService/EmbedTextStream',
+            clipvision_dot_v1_dot_embedding__service__pb2.EmbedTextStreamRequest.SerializeToString,
+            clipvision_dot_v1_dot_embedding__service__pb2.EmbedTextStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clipvision.v1.EmbeddingService/Classify',
+            clipvision_dot_v1_dot_embedding__service__pb2.ClassifyRequest.SerializeToString,
+            clipvision_dot_v1_dot_embedding__service__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,17 +27,20 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class EmbeddingServiceStub:
-    """EmbeddingService turns images into CLIP image embeddings.
+    """EmbeddingService turns images and texts into CLIP embeddings, and scores
+    an image against text labels (zero-shot classification).
 
     Every RPC accepts images either as encoded bytes or as a URI. A request may
     name one of the served models; an empty name selects the server's default
-    model (the first one it was started with).
+    model (the first one it was started with). Image and text embeddings of the
+    same model live in the same space: the cosine of an image's and a text's
+    normalised vectors says how well the text describes the image.
 
     Request-level failures are gRPC statuses whose details carry a
     google.rpc.ErrorInfo with domain "clipvision.dev" and one of the reasons
-    listed on ItemError. Per-image failures inside EmbedImages and
-    EmbedImageStream are reported in-band with an ItemError instead, so that one
-    bad image never fails the other images of the same call.
+    listed on ItemError. Per-item failures inside EmbedImages, EmbedTexts and
+    the streams are reported in-band with an ItemError instead, so that one bad
+    item never fails the other items of the same call.
     """
 
     @_typing.overload
@@ -65,20 +68,42 @@ class EmbeddingServiceStub:
     """GetModelInfo describes the served models, their preprocessing and the
     server's input limits.
     """
+    EmbedText: _grpc.UnaryUnaryMultiCallable[_embedding_service_pb2.EmbedTextRequest, _embedding_service_pb2.EmbedTextResponse]
+    """EmbedText embeds one text with the model's text tower. A bad text fails
+    the call with INVALID_ARGUMENT; a model served without its text tower
+    fails it with FAILED_PRECONDITION (MODALITY_NOT_SERVED).
+    """
+    EmbedTexts: _grpc.UnaryUnaryMultiCallable[_embedding_service_pb2.EmbedTextsRequest, _embedding_service_pb2.EmbedTextsResponse]
+    """EmbedTexts embeds up to GetModelInfoResponse.limits.max_batch_texts
+    texts. It returns one result per text, in request order, each an
+    embedding or an ItemError.
+    """
+    EmbedTextStream: _grpc.StreamStreamMultiCallable[_embedding_service_pb2.EmbedTextStreamRequest, _embedding_service_pb2.EmbedTextStreamResponse]
+    """EmbedTextStream embeds a stream of texts with the same guarantees as
+    EmbedImageStream: one response per request, in request order, the id
+    echoed, bad items answered in-band, backpressure by reading more slowly.
+    """
+    Classify: _grpc.UnaryUnaryMultiCallable[_embedding_service_pb2.ClassifyRequest, _embedding_service_pb2.ClassifyResponse]
+    """Classify scores one image against candidate labels (zero-shot): one score
+    per label, in the order of ClassifyRequest.labels.
+    """
 
 @_typing.type_check_only
 class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
-    """EmbeddingService turns images into CLIP image embeddings.
+    """EmbeddingService turns images and texts into CLIP embeddings, and scores
+    an image against text labels (zero-shot classification).
 
     Every RPC accepts images either as encoded bytes or as a URI. A request may
     name one of the served models; an empty name selects the server's default
-    model (the first one it was started with).
+    model (the first one it was started with). Image and text embeddings of the
+    same model live in the same space: the cosine of an image's and a text's
+    normalised vectors says how well the text describes the image.
 
     Request-level failures are gRPC statuses whose details carry a
     google.rpc.ErrorInfo with domain "clipvision.dev" and one of the reasons
-    listed on ItemError. Per-image failures inside EmbedImages and
-    EmbedImageStream are reported in-band with an ItemError instead, so that one
-    bad image never fails the other images of the same call.
+    listed on ItemError. Per-item failures inside EmbedImages, EmbedTexts and
+    the streams are reported in-band with an ItemError instead, so that one bad
+    item never fails the other items of the same call.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -103,19 +128,41 @@ class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
     """GetModelInfo describes the served models, their preprocessing and the
     server's input limits.
     """
+    EmbedText: _aio.UnaryUnaryMultiCallable[_embedding_service_pb2.EmbedTextRequest, _embedding_service_pb2.EmbedTextResponse]  # type: ignore[assignment]
+    """EmbedText embeds one text with the model's text tower. A bad text fails
+    the call with INVALID_ARGUMENT; a model served without its text tower
+    fails it with FAILED_PRECONDITION (MODALITY_NOT_SERVED).
+    """
+    EmbedTexts: _aio.UnaryUnaryMultiCallable[_embedding_service_pb2.EmbedTextsRequest, _embedding_service_pb2.EmbedTextsResponse]  # type: ignore[assignment]
+    """EmbedTexts embeds up to GetModelInfoResponse.limits.max_batch_texts
+    texts. It returns one result per text, in request order, each an
+    embedding or an ItemError.
+    """
+    EmbedTextStream: _aio.StreamStreamMultiCallable[_embedding_service_pb2.EmbedTextStreamRequest, _embedding_service_pb2.EmbedTextStreamResponse]  # type: ignore[assignment]
+    """EmbedTextStream embeds a stream of texts with the same guarantees as
+    EmbedImageStream: one response per request, in request order, the id
+    echoed, bad items answered in-band, backpressure by reading more slowly.
+    """
+    Classify: _aio.UnaryUnaryMultiCallable[_embedding_service_pb2.ClassifyRequest, _embedding_service_pb2.ClassifyResponse]  # type: ignore[assignment]
+    """Classify scores one image against candidate labels (zero-shot): one score
+    per label, in the order of ClassifyRequest.labels.
+    """
 
 class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
-    """EmbeddingService turns images into CLIP image embeddings.
+    """EmbeddingService turns images and texts into CLIP embeddings, and scores
+    an image against text labels (zero-shot classification).
 
     Every RPC accepts images either as encoded bytes or as a URI. A request may
     name one of the served models; an empty name selects the server's default
-    model (the first one it was started with).
+    model (the first one it was started with). Image and text embeddings of the
+    same model live in the same space: the cosine of an image's and a text's
+    normalised vectors says how well the text describes the image.
 
     Request-level failures are gRPC statuses whose details carry a
     google.rpc.ErrorInfo with domain "clipvision.dev" and one of the reasons
-    listed on ItemError. Per-image failures inside EmbedImages and
-    EmbedImageStream are reported in-band with an ItemError instead, so that one
-    bad image never fails the other images of the same call.
+    listed on ItemError. Per-item failures inside EmbedImages, EmbedTexts and
+    the streams are reported in-band with an ItemError instead, so that one bad
+    item never fails the other items of the same call.
     """
 
     @_abc_1.abstractmethod
@@ -161,6 +208,49 @@ class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_embedding_service_pb2.GetModelInfoResponse, _abc.Awaitable[_embedding_service_pb2.GetModelInfoResponse]]:
         """GetModelInfo describes the served models, their preprocessing and the
         server's input limits.
+        """
+
+    @_abc_1.abstractmethod
+    def EmbedText(
+        self,
+        request: _embedding_service_pb2.EmbedTextRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_embedding_service_pb2.EmbedTextResponse, _abc.Awaitable[_embedding_service_pb2.EmbedTextResponse]]:
+        """EmbedText embeds one text with the model's text tower. A bad text fails
+        the call with INVALID_ARGUMENT; a model served without its text tower
+        fails it with FAILED_PRECONDITION (MODALITY_NOT_SERVED).
+        """
+
+    @_abc_1.abstractmethod
+    def EmbedTexts(
+        self,
+        request: _embedding_service_pb2.EmbedTextsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_embedding_service_pb2.EmbedTextsResponse, _abc.Awaitable[_embedding_service_pb2.EmbedTextsResponse]]:
+        """EmbedTexts embeds up to GetModelInfoResponse.limits.max_batch_texts
+        texts. It returns one result per text, in request order, each an
+        embedding or an ItemError.
+        """
+
+    @_abc_1.abstractmethod
+    def EmbedTextStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_embedding_service_pb2.EmbedTextStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_embedding_service_pb2.EmbedTextStreamResponse], _abc.AsyncIterator[_embedding_service_pb2.EmbedTextStreamResponse]]:
+        """EmbedTextStream embeds a stream of texts with the same guarantees as
+        EmbedImageStream: one response per request, in request order, the id
+        echoed, bad items answered in-band, backpressure by reading more slowly.
+        """
+
+    @_abc_1.abstractmethod
+    def Classify(
+        self,
+        request: _embedding_service_pb2.ClassifyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_embedding_service_pb2.ClassifyResponse, _abc.Awaitable[_embedding_service_pb2.ClassifyResponse]]:
+        """Classify scores one image against candidate labels (zero-shot): one score
+        per label, in the order of ClassifyRequest.labels.
         """
 
 def add_EmbeddingServiceServicer_to_server(servicer: EmbeddingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
