@@ -35,6 +35,7 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -48,6 +49,9 @@ from clipvision.server.preprocess import ImageLimits
 from clipvision.server.settings import ModelSpec
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from clipvision.v1.embedding_service_pb2_grpc import EmbeddingServiceAsyncStub as Stub
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ROOT / "tests" / "data"
@@ -280,7 +284,7 @@ async def unary_load(
     # processes would have: the server caps unary calls per connection (64).
     connections = -(-callers // CALLERS_PER_CONNECTION)
     async with contextlib.AsyncExitStack() as stack:
-        stubs = [
+        stubs: list[Stub] = [
             pb_grpc.EmbeddingServiceStub(
                 await stack.enter_async_context(
                     grpc.aio.insecure_channel(
@@ -299,7 +303,7 @@ async def unary_load(
         started = time.perf_counter()
         deadline = started + seconds
 
-        async def caller(stub: pb_grpc.EmbeddingServiceStub) -> None:
+        async def caller(stub: Stub) -> None:
             while time.perf_counter() < deadline:
                 request = pb.EmbedImageRequest(image=pb.Image(content=next(source)))
                 sent = time.perf_counter()

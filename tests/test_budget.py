@@ -13,14 +13,13 @@ from typing import cast
 import grpc
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from clipvision.server import preprocess
 from clipvision.server.admission import FairPool, ItemCost, MemoryBudget
 from clipvision.server.batcher import MicroBatcher
 from clipvision.server.dispatch import FairDispatcher
-from clipvision.server.encoder import ClipImageEncoder, FloatArray
+from clipvision.server.encoder import FloatArray
 from clipvision.server.errors import InvalidImageError, OverloadedError, Reason
 from clipvision.server.memory import MIN_BUDGET, byte_size, container_limit, default_budget
 from clipvision.server.preprocess import (
@@ -231,29 +230,25 @@ async def test_a_cancelled_caller_does_not_cut_its_decode_short() -> None:
     assert dispatcher.running == 0
 
 
-class _FakeEncoder:
-    """Stands in for ClipImageEncoder: records each batch's first pixel (its image's tag)."""
-
-    name = "fake"
+class _FakeDevice:
+    """Stands in for the model's batch function: records each batch's images' tags."""
 
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
         self.gate = threading.Event()
 
-    def forward(self, pixels: UInt8Array) -> torch.Tensor:
+    def embed_batch(self, pixels: list[UInt8Array]) -> FloatArray:
         self.gate.wait(5)
         self.batches.append([int(image[0, 0, 0]) for image in pixels])
-        return torch.zeros(len(pixels), 2)
-
-    def to_host(self, features: torch.Tensor) -> FloatArray:
-        rows: FloatArray = features.numpy()
-        return rows
+        return np.zeros((len(pixels), 2), dtype=np.float32)
 
 
 async def test_batches_take_callers_in_turn() -> None:
-    encoder = _FakeEncoder()
+    encoder = _FakeDevice()
     with ThreadPoolExecutor(1) as executor:
-        batcher = MicroBatcher(cast(ClipImageEncoder, encoder), executor, max_batch_size=4)
+        batcher: MicroBatcher[UInt8Array] = MicroBatcher(
+            "fake", encoder.embed_batch, executor, max_batch_size=4
+        )
         batcher.start()
 
         def image(tag: int) -> UInt8Array:

@@ -85,6 +85,12 @@ async def test_dummy_vit_b32_smoke_run_embeds_a_jpeg() -> None:
                 pb.EmbedImageRequest(image=pb.Image(content=photo_bytes("rocket.jpg")))
             )
             assert len(response.embedding.values) == 512
+            # Random weights serve the text tower too, with CLIP's context and vocabulary.
+            assert list(info.models[0].modalities) == [pb.MODALITY_IMAGE, pb.MODALITY_TEXT]
+            assert (info.models[0].text_context_length, info.models[0].vocab_size) == (77, 49408)
+            text = await stub.EmbedText(pb.EmbedTextRequest(text="a photo of a rocket"))
+            assert len(text.embedding.values) == 512
+            assert not text.embedding.truncated
         server.process.send_signal(signal.SIGINT)
         code, log = await server.finish()
     assert code == 0, log

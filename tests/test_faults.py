@@ -6,6 +6,7 @@ import asyncio
 import io
 import signal
 import struct
+import threading
 import time
 import zlib
 from collections.abc import AsyncIterator
@@ -16,9 +17,10 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clipvision.server.encoder import ClipImageEncoder
+from clipvision.server.encoder import ClipImageEncoder, FloatArray
 from clipvision.server.preprocess import UInt8Array
 from clipvision.server.settings import Settings
+from clipvision.server.text_encoder import ClipTextEncoder, IdArray
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import photo_bytes, running_server, settings_with
@@ -65,6 +67,34 @@ async def test_a_stalled_device_turns_health_off_until_it_recovers(
         async with asyncio.timeout(5):
             while await health_status(channel) != SERVING:
                 await asyncio.sleep(0.1)
+
+
+async def test_a_stalled_text_tower_is_seen_by_the_watchdog_too(
+    base_settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = settings_with(base_settings, watchdog_timeout_s=0.4)
+    real = ClipTextEncoder.embed_batch
+    stall = threading.Event()
+
+    def embed_batch(encoder: ClipTextEncoder, texts: list[IdArray]) -> FloatArray:
+        if stall.is_set():
+            time.sleep(2.0)
+        return real(encoder, texts)
+
+    # Patched before the model loads: the batcher holds the bound batch function.
+    monkeypatch.setattr(ClipTextEncoder, "embed_batch", embed_batch)
+    async with running_server(settings) as (_, channel):
+        stall.set()
+        request = pb.EmbedTextRequest(text="a photo of a cat")
+        stuck = asyncio.ensure_future(pb_grpc.EmbeddingServiceStub(channel).EmbedText(request))
+        seen = []
+        async with asyncio.timeout(10):
+            while not stuck.done():
+                seen.append(await health_status(channel))
+                await asyncio.sleep(0.1)
+        assert len((await stuck).embedding.values) == 16
+        assert NOT_SERVING in seen
+        assert "model tiny (texts)" in caplog.text
 
 
 async def test_a_client_that_vanishes_mid_stream_frees_everything(
@@ -161,7 +191,8 @@ async def test_sigterm_under_load_loses_nothing(clip_dir: Path) -> None:
             outcomes = await asyncio.gather(*calls, return_exceptions=True)
         code, log = await server.finish()
     # Every call was in flight when the signal came: each one completes.
-    assert all(isinstance(o, pb.EmbedImageResponse) for o in outcomes), outcomes
+    failed = [o for o in outcomes if not isinstance(o, pb.EmbedImageResponse)]
+    assert not failed, failed
     assert all(len(o.embedding.values) == 16 for o in outcomes)  # type: ignore[union-attr]
     assert "draining" in log
     assert code == 0, log

@@ -1,7 +1,7 @@
 """Other languages reach the server from proto/ alone, or from nothing but reflection.
 
 - A Node.js client (@grpc/grpc-js + @grpc/proto-loader, pinned in tests/node/)
-  loads proto/ as it is and gets the same vectors as the Python client.
+  loads proto/ as it is and gets the same image and text vectors as the Python client.
 - ``buf curl`` calls the server through server reflection, with no proto at all.
 """
 
@@ -65,14 +65,16 @@ async def test_node_client_from_the_proto_gets_the_python_clients_vectors(
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(photo_bytes("rocket.jpg")[:500])
     images = [DATA / "rocket.jpg", DATA / "logo.png", corrupt, DATA / "chelsea.png"]
+    texts = ["a photo of a cat", "猫の写真 🍜", "", "a photo of a dog sleeping on the sofa " * 4]
 
     code, out, err = await run(node, NODE_PROJECT / "embed.mjs", live.address, ROOT / "proto",
-                               *images)  # fmt: skip
+                               *images, "--text", *texts)  # fmt: skip
     assert code == 0, err
     node_results = json.loads(out)
 
     async with AsyncEmbeddingClient(live.address) as client:
         expected = [r async for r in client.embed_images(images, return_exceptions=True)]
+        expected_texts = await client.embed_texts(texts, return_exceptions=True)
     assert node_results["models"] == [
         {"name": "tiny", "embedding_dimension": 16},
         {"name": "tiny-vision", "embedding_dimension": 24},
@@ -91,6 +93,16 @@ async def test_node_client_from_the_proto_gets_the_python_clients_vectors(
         else:
             np.testing.assert_allclose(unary["values"], python, atol=ATOL)
             np.testing.assert_allclose(streamed["values"], python, atol=ATOL)
+    assert [
+        "error" if isinstance(python_text, ClipVisionError) else python_text.truncated
+        for python_text in expected_texts
+    ] == [False, False, "error", True]
+    for node_text, python_text in zip(node_results["texts"], expected_texts, strict=True):
+        if isinstance(python_text, ClipVisionError):
+            assert node_text == {"code": 3, "details": python_text.message}
+        else:
+            assert node_text["truncated"] is python_text.truncated
+            np.testing.assert_allclose(node_text["values"], python_text.vector, atol=ATOL)
 
 
 def buf_command() -> str:

@@ -1,21 +1,25 @@
 // A Node.js client of clipvision, loading proto/ as it is, for tests/test_polyglot.py.
 //
-// Usage: node embed.mjs HOST:PORT PROTO_ROOT IMAGE...
+// Usage: node embed.mjs HOST:PORT PROTO_ROOT IMAGE... [--text TEXT...]
 //
-// Calls GetModelInfo, EmbedImage once per image and EmbedImageStream once with
-// every image, and prints one JSON object:
+// Calls GetModelInfo, EmbedImage once per image, EmbedImageStream once with
+// every image and EmbedText once per text, and prints one JSON object:
 //   {"models": [{"name", "embedding_dimension"}],
 //    "unary":  [{"values": [...]} | {"code": 3, "details": "..."}],
-//    "stream": [{"id": "0", "values": [...]} | {"id": "1", "error": {"code", "reason", "message"}}]}
+//    "stream": [{"id": "0", "values": [...]} | {"id": "1", "error": {"code", "reason", "message"}}],
+//    "texts":  [{"values": [...], "truncated": false} | {"code": 3, "details": "..."}]}
 import { readFileSync } from "node:fs";
 import grpc from "@grpc/grpc-js";
 import protoLoader from "@grpc/proto-loader";
 
-const [address, protoRoot, ...paths] = process.argv.slice(2);
+const [address, protoRoot, ...rest] = process.argv.slice(2);
 if (!address || !protoRoot) {
-  console.error("usage: node embed.mjs HOST:PORT PROTO_ROOT IMAGE...");
+  console.error("usage: node embed.mjs HOST:PORT PROTO_ROOT IMAGE... [--text TEXT...]");
   process.exit(2);
 }
+const split = rest.indexOf("--text");
+const paths = split < 0 ? rest : rest.slice(0, split);
+const texts = split < 0 ? [] : rest.slice(split + 1);
 
 const definition = protoLoader.loadSync("clipvision/v1/embedding_service.proto", {
   includeDirs: [protoRoot],
@@ -64,11 +68,22 @@ for (const content of images) {
   }
 }
 const streamed = await stream(images);
+const embeddedTexts = [];
+for (const text of texts) {
+  try {
+    const response = await unary("EmbedText", { text });
+    // proto-loader leaves fields at their default (false) out of the object.
+    embeddedTexts.push({ values: response.embedding.values, truncated: Boolean(response.embedding.truncated) });
+  } catch (error) {
+    embeddedTexts.push({ code: error.code, details: error.details });
+  }
+}
 client.close();
 console.log(
   JSON.stringify({
     models: info.models.map((m) => ({ name: m.name, embedding_dimension: m.embedding_dimension })),
     unary: single,
     stream: streamed,
+    texts: embeddedTexts,
   }),
 );

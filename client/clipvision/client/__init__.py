@@ -7,6 +7,8 @@ with EmbeddingClient("127.0.0.1:50051") as client:
     vector = client.embed_image("cat.jpg")                   # numpy float32, unit length
     for path, result in zip(paths, client.embed_images(paths, return_exceptions=True)):
         ...                                                  # input order; errors in place
+    query = client.embed_text("a photo of a cat").vector     # same space as the images
+    scores = client.classify("cat.jpg", ["cat", "dog"], prompt_template="a photo of a {}")
 ```
 """
 
@@ -20,6 +22,8 @@ from clipvision.client._errors import (
     InternalError,
     InvalidImageError,
     InvalidRequestError,
+    InvalidTextError,
+    ModalityNotServedError,
     ModelNotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
@@ -29,7 +33,7 @@ from clipvision.client._errors import (
     error_from_status,
 )
 from clipvision.client._images import ImageInput
-from clipvision.client._messages import FloatArray, Result
+from clipvision.client._messages import FloatArray, LabelScore, Result, TextEmbedding, TextResult
 
 __all__ = [
     "AsyncEmbeddingClient",
@@ -43,10 +47,15 @@ __all__ = [
     "InternalError",
     "InvalidImageError",
     "InvalidRequestError",
+    "InvalidTextError",
+    "LabelScore",
+    "ModalityNotServedError",
     "ModelNotFoundError",
     "PermissionDeniedError",
     "ResourceExhaustedError",
     "Result",
+    "TextEmbedding",
+    "TextResult",
     "UnauthenticatedError",
     "UnavailableError",
     "error_from_rpc_error",

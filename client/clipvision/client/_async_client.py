@@ -4,16 +4,39 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
+from contextlib import aclosing
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal, overload
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar, overload
 
 import grpc
 
-from clipvision.client._base import ClientBase
+from clipvision.client._base import ClientBase, raise_first_error
 from clipvision.client._errors import ClipVisionError, error_from_rpc_error
 from clipvision.client._images import ImageInput
-from clipvision.client._messages import FloatArray, Result, embed_image_request, to_vector
-from clipvision.client._ordering import StreamRestarts, StreamWindow, stream_error
+from clipvision.client._messages import (
+    FloatArray,
+    LabelScore,
+    Result,
+    TextEmbedding,
+    TextResult,
+    classify_request,
+    embed_image_request,
+    embed_text_request,
+    embed_texts_request,
+    image_stream_request,
+    texts_results,
+    to_label_scores,
+    to_text_embedding,
+    to_vector,
+)
+from clipvision.client._ordering import (
+    RequestT,
+    ResponseT,
+    StreamRestarts,
+    StreamWindow,
+    ValueT,
+    stream_error,
+)
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 
@@ -23,7 +46,7 @@ if TYPE_CHECKING:
     from clipvision.v1.embedding_service_pb2_grpc import EmbeddingServiceAsyncStub
 
 
-_StreamCall = grpc.aio.StreamStreamCall[pb.EmbedImageStreamRequest, pb.EmbedImageStreamResponse]
+_T = TypeVar("_T")
 
 
 class AsyncEmbeddingClient(ClientBase):
@@ -135,12 +158,176 @@ class AsyncEmbeddingClient(ClientBase):
         ``contextlib.aclosing`` when you may stop early, so the call ends at once.
         """
         self._check_open()
-        window = StreamWindow(self._stream_window, model, normalize)
+        window: StreamWindow[pb.EmbedImageStreamRequest, pb.EmbedImageStreamResponse, FloatArray]
+        window = StreamWindow(self._stream_window, "EmbedImageStream", "images", to_vector)
+
+        async def requests() -> AsyncGenerator[pb.EmbedImageStreamRequest | ClipVisionError, None]:
+            async with aclosing(_aiter(images)) as source:
+                async for image in source:
+                    message = await self._image_or_error_async(image)
+                    if isinstance(message, ClipVisionError):
+                        yield message
+                    else:
+                        yield image_stream_request(message, model, normalize)
+
+        stream = self._run_stream(
+            self._stub.EmbedImageStream, window, requests(), timeout, return_exceptions
+        )
+        async with aclosing(stream) as results:
+            async for result in results:
+                yield result
+
+    async def embed_text(
+        self,
+        text: str,
+        *,
+        model: str | None = None,
+        normalize: bool | None = None,
+        truncate: bool | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (a gRPC deadline, sent to the server)
+    ) -> TextEmbedding:
+        """The embedding of one text (see EmbeddingClient.embed_text)."""
+        self._check_open()
+        request = embed_text_request(self._text(text), model, normalize, truncate)
+        try:
+            response = await self._stub.EmbedText(request, timeout=self._deadline(timeout))
+        except grpc.RpcError as exc:
+            raise error_from_rpc_error(exc) from exc
+        return to_text_embedding(response.embedding)
+
+    @overload
+    async def embed_texts(
+        self,
+        texts: Iterable[str],
+        *,
+        model: str | None = None,
+        normalize: bool | None = None,
+        truncate: bool | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (a gRPC deadline, sent to the server)
+        return_exceptions: Literal[False] = False,
+    ) -> list[TextEmbedding]: ...
+
+    @overload
+    async def embed_texts(
+        self,
+        texts: Iterable[str],
+        *,
+        model: str | None = None,
+        normalize: bool | None = None,
+        truncate: bool | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (a gRPC deadline, sent to the server)
+        return_exceptions: bool,
+    ) -> list[TextResult]: ...
+
+    async def embed_texts(
+        self,
+        texts: Iterable[str],
+        *,
+        model: str | None = None,
+        normalize: bool | None = None,
+        truncate: bool | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (a gRPC deadline, sent to the server)
+        return_exceptions: bool = False,
+    ) -> list[TextEmbedding] | list[TextResult]:
+        """Embed a few texts in one EmbedTexts call (see EmbeddingClient.embed_texts)."""
+        self._check_open()
+        checked = [self._text_or_error(text) for text in texts]
+        sendable = [text for text in checked if isinstance(text, str)]
+        response = pb.EmbedTextsResponse()
+        if sendable:
+            request = embed_texts_request(sendable, model, normalize, truncate)
+            try:
+                response = await self._stub.EmbedTexts(request, timeout=self._deadline(timeout))
+            except grpc.RpcError as exc:
+                raise error_from_rpc_error(exc) from exc
+        results = texts_results(checked, response)
+        return results if return_exceptions else raise_first_error(results)
+
+    @overload
+    def embed_text_stream(
+        self,
+        texts: Iterable[str] | AsyncIterable[str],
+        *,
+        model: str | None = None,
+        normalize: bool | None = None,
+        truncate: bool | None = None,
+        timeout: float | None = None,
+        return_exceptions: Literal[False] = False,
+    ) -> AsyncGenerator[TextEmbedding, None]: ...
+
+    @overload
+    def embed_text_stream(
+        self,
+        texts: Iterable[str] | AsyncIterable[str],
+        *,
+        model: str | None = None,
+        normalize: bool | None = None,
+        truncate: bool | None = None,
+        timeout: float | None = None,
+        return_exceptions: bool,
+    ) -> AsyncGenerator[TextResult, None]: ...
+
+    async def embed_text_stream(
+        self,
+        texts: Iterable[str] | AsyncIterable[str],
+        *,
+        model: str | None = None,
+        normalize: bool | None = None,
+        truncate: bool | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (a gRPC deadline, sent to the server)
+        return_exceptions: bool = False,
+    ) -> AsyncGenerator[TextResult, None]:
+        """Embed any number of texts through one EmbedTextStream, yielding results in input
+        order (see EmbeddingClient.embed_text_stream); ``texts`` may be an async iterable."""
+        self._check_open()
+        window: StreamWindow[pb.EmbedTextStreamRequest, pb.EmbedTextStreamResponse, TextEmbedding]
+        window = StreamWindow(self._stream_window, "EmbedTextStream", "texts", to_text_embedding)
+
+        async def requests() -> AsyncGenerator[pb.EmbedTextStreamRequest | ClipVisionError, None]:
+            async with aclosing(_aiter(texts)) as source:
+                async for text in source:
+                    yield self._text_stream_request(text, model, normalize, truncate)
+
+        stream = self._run_stream(
+            self._stub.EmbedTextStream, window, requests(), timeout, return_exceptions
+        )
+        async with aclosing(stream) as results:
+            async for result in results:
+                yield result
+
+    async def classify(
+        self,
+        image: ImageInput,
+        labels: Iterable[str],
+        *,
+        prompt_template: str | None = None,
+        model: str | None = None,
+        truncate: bool | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (a gRPC deadline, sent to the server)
+    ) -> list[LabelScore]:
+        """Zero-shot classification of ``image`` (see EmbeddingClient.classify)."""
+        self._check_open()
+        message = await self._image_async(image)
+        request = classify_request(message, self._labels(labels), prompt_template, model, truncate)
+        try:
+            response = await self._stub.Classify(request, timeout=self._deadline(timeout))
+        except grpc.RpcError as exc:
+            raise error_from_rpc_error(exc) from exc
+        return to_label_scores(response)
+
+    async def _run_stream(
+        self,
+        method: grpc.aio.StreamStreamMultiCallable[RequestT, ResponseT],
+        window: StreamWindow[RequestT, ResponseT, ValueT],
+        requests: AsyncGenerator[RequestT | ClipVisionError, None],
+        timeout: float | None,  # noqa: ASYNC109 (a gRPC deadline, sent to the server)
+        return_exceptions: bool,
+    ) -> AsyncGenerator[ValueT | ClipVisionError, None]:
+        """Drive one stream (see EmbeddingClient._run_stream)."""
         restarts = StreamRestarts(self._max_stream_restarts)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        stream: _AsyncStream | None = None
-        source = _aiter(images)
+        stream: _AsyncStream[RequestT, ResponseT] | None = None
         exhausted = False
 
         def remaining() -> float | None:
@@ -150,18 +337,18 @@ class AsyncEmbeddingClient(ClientBase):
             while True:
                 while not exhausted and not window.full:
                     try:
-                        item = await anext(source)
+                        item = await anext(requests)
                     except StopAsyncIteration:
                         exhausted = True
                         if stream is not None:
                             stream.close_sending()
                         break
-                    request = window.add(await self._image_or_error_async(item))
+                    request = window.add(item)
                     if request is not None:
                         if stream is None:
-                            stream = _AsyncStream(self._stub, [], remaining(), done=False)
+                            stream = _AsyncStream(method, [], remaining(), done=False)
                         stream.send(request)
-                result: Result | None = window.pop_refused()
+                result: ValueT | ClipVisionError | None = window.pop_refused()
                 if result is None:
                     if not window:
                         return
@@ -175,7 +362,7 @@ class AsyncEmbeddingClient(ClientBase):
                         stream.cancel()
                         await asyncio.sleep(delay)
                         stream = _AsyncStream(
-                            self._stub, window.unanswered_requests(), remaining(), done=exhausted
+                            method, window.unanswered_requests(), remaining(), done=exhausted
                         )
                         continue
                     restarts.answered()
@@ -186,7 +373,7 @@ class AsyncEmbeddingClient(ClientBase):
         finally:
             if stream is not None:
                 stream.cancel()
-            await source.aclose()
+            await requests.aclose()
 
     async def _image_async(self, image: ImageInput) -> pb.Image:
         if isinstance(image, bytes | pb.Image):
@@ -201,9 +388,7 @@ class AsyncEmbeddingClient(ClientBase):
             return error
 
 
-async def _aiter(
-    items: Iterable[ImageInput] | AsyncIterable[ImageInput],
-) -> AsyncGenerator[ImageInput, None]:
+async def _aiter(items: Iterable[_T] | AsyncIterable[_T]) -> AsyncGenerator[_T, None]:
     if isinstance(items, AsyncIterable):
         async for item in items:
             yield item
@@ -212,25 +397,27 @@ async def _aiter(
             yield item
 
 
-class _AsyncStream:
-    """One EmbedImageStream call, fed from a queue, and its responses."""
+class _AsyncStream(Generic[RequestT, ResponseT]):
+    """One stream call, fed from a queue, and its responses."""
 
     def __init__(
         self,
-        stub: EmbeddingServiceAsyncStub,
-        requests: list[pb.EmbedImageStreamRequest],
+        method: grpc.aio.StreamStreamMultiCallable[RequestT, ResponseT],
+        requests: list[RequestT],
         timeout: float | None,
         *,
         done: bool,
     ) -> None:
-        self._outbox: asyncio.Queue[pb.EmbedImageStreamRequest | None] = asyncio.Queue()
+        self._outbox: asyncio.Queue[RequestT | None] = asyncio.Queue()
         for request in requests:
             self._outbox.put_nowait(request)
         if done:
             self._outbox.put_nowait(None)
-        self._call: _StreamCall = stub.EmbedImageStream(_drain(self._outbox), timeout=timeout)
+        self._call: grpc.aio.StreamStreamCall[RequestT, ResponseT] = method(
+            _drain(self._outbox), timeout=timeout
+        )
 
-    def send(self, request: pb.EmbedImageStreamRequest) -> None:
+    def send(self, request: RequestT) -> None:
         """Queue one request for sending."""
         self._outbox.put_nowait(request)
 
@@ -238,7 +425,7 @@ class _AsyncStream:
         """Half-close: no more requests follow."""
         self._outbox.put_nowait(None)
 
-    async def next_response(self, window: StreamWindow) -> pb.EmbedImageStreamResponse:
+    async def next_response(self, window: StreamWindow[RequestT, ResponseT, ValueT]) -> ResponseT:
         """The next response; raises grpc.RpcError when the call fails."""
         response = await self._call.read()
         if response is grpc.aio.EOF:  # type: ignore[attr-defined]
@@ -251,8 +438,6 @@ class _AsyncStream:
         self._call.cancel()
 
 
-async def _drain(
-    outbox: asyncio.Queue[pb.EmbedImageStreamRequest | None],
-) -> AsyncIterator[pb.EmbedImageStreamRequest]:
+async def _drain(outbox: asyncio.Queue[_T | None]) -> AsyncIterator[_T]:
     while (request := await outbox.get()) is not None:
         yield request

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
 
 from clipvision.client._channel import (
     DEFAULT_KEEPALIVE_TIME_S,
@@ -15,7 +15,11 @@ from clipvision.client._channel import (
 )
 from clipvision.client._errors import ClipVisionError
 from clipvision.client._images import ImageInput, to_image
+from clipvision.client._messages import image_stream_request, text_stream_request
+from clipvision.client._texts import text_or_error, to_text
 from clipvision.v1 import embedding_service_pb2 as pb
+
+_T = TypeVar("_T")
 
 DEFAULT_TIMEOUT_S = 60.0
 # Consecutive stream restarts without an answer in between (see StreamRestarts).
@@ -56,12 +60,13 @@ class ClientBase:
         ``server_name`` to override the name checked in the server's
         certificate. ``token`` is sent as ``authorization: Bearer`` on every
         call, over TLS (or in plaintext to a loopback address or unix socket
-        only). ``timeout`` is the deadline, in seconds, of each
-        unary call (None: no deadline). ``stream_window`` bounds the images
-        ``embed_images`` has in flight. ``max_message_bytes`` must match the
-        server's ``--max-message-bytes``. Calls that fail with UNAVAILABLE are
-        retried, up to ``max_attempts`` attempts in all; an ``embed_images``
-        stream that breaks with UNAVAILABLE is resumed on a new stream, up to
+        only). ``timeout`` is the deadline, in seconds, of each unary call
+        (None: no deadline). ``stream_window`` bounds the images (texts)
+        ``embed_images`` (``embed_text_stream``) has in flight.
+        ``max_message_bytes`` must match the server's ``--max-message-bytes``.
+        Calls that fail with UNAVAILABLE are retried, up to ``max_attempts``
+        attempts in all; an ``embed_images`` or ``embed_text_stream`` stream
+        that breaks with UNAVAILABLE is resumed on a new stream, up to
         ``max_stream_restarts`` times in a row (0: never). ``keepalive_time_s``
         must not be below the server's minimum ping interval (30 s for
         clipvision-server; 5 minutes for a gRPC server that sets none).
@@ -115,3 +120,40 @@ class ClientBase:
             return self._image(image)
         except ClipVisionError as error:
             return error
+
+    def _image_stream_request(
+        self, image: ImageInput, model: str | None, normalize: bool | None
+    ) -> pb.EmbedImageStreamRequest | ClipVisionError:
+        message = self._image_or_error(image)
+        if isinstance(message, ClipVisionError):
+            return message
+        return image_stream_request(message, model, normalize)
+
+    def _text(self, text: str) -> str:
+        return to_text(text, self._config.max_message_bytes)
+
+    def _text_or_error(self, text: str) -> str | ClipVisionError:
+        return text_or_error(text, self._config.max_message_bytes)
+
+    def _text_stream_request(
+        self, text: str, model: str | None, normalize: bool | None, truncate: bool | None
+    ) -> pb.EmbedTextStreamRequest | ClipVisionError:
+        checked = self._text_or_error(text)
+        if isinstance(checked, ClipVisionError):
+            return checked
+        return text_stream_request(checked, model, normalize, truncate)
+
+    def _labels(self, labels: Iterable[str]) -> list[str]:
+        if isinstance(labels, str):
+            raise TypeError("labels must be an iterable of str, not one str; pass [label]")
+        return [self._text(label) for label in labels]
+
+
+def raise_first_error(results: Iterable[_T | ClipVisionError]) -> list[_T]:
+    """The values of ``results``, or the first error among them raised."""
+    values: list[_T] = []
+    for result in results:
+        if isinstance(result, ClipVisionError):
+            raise result
+        values.append(result)
+    return values

@@ -2,7 +2,7 @@
 
 A failed call carries a gRPC status with a ``google.rpc.Status`` in its
 trailers; a failed stream item carries an in-band ``ItemError``; the client
-itself refuses some images before sending them. All three end up in
+itself refuses some images and texts before sending them. All three end up in
 :func:`error_from_status`, so the same fault raises the same exception class
 whichever way it arrived.
 """
@@ -20,10 +20,13 @@ ERROR_DOMAIN = "clipvision.dev"
 # A reason the client sets itself when it cannot read an image (missing file,
 # permission denied); the server never sends it.
 IMAGE_UNREADABLE = "IMAGE_UNREADABLE"
+# A reason the client sets itself for a str that UTF-8 cannot encode (a lone
+# surrogate, from os.fsdecode or a bad decode): such a text cannot be sent at all.
+TEXT_NOT_UTF8 = "TEXT_NOT_UTF8"
 
 
 class ClipVisionError(Exception):
-    """A call or one image failed; ``code``, ``reason`` and ``message`` say why.
+    """A call or one item (image or text) failed; ``code``, ``reason`` and ``message`` say why.
 
     ``reason`` is the stable UPPER_SNAKE_CASE reason from the server's
     ErrorInfo or ItemError (empty when the status carried none, as for
@@ -62,12 +65,20 @@ class ImageReadError(InvalidImageError):
     """The client could not read the image (a missing file, no permission); nothing was sent."""
 
 
+class InvalidTextError(ClipVisionError):
+    """The text cannot be embedded: empty, too large, too long with truncation off, or not UTF-8."""
+
+
 class InvalidRequestError(ClipVisionError):
     """The request breaks the contract or a server limit, for example too many images."""
 
 
 class ModelNotFoundError(ClipVisionError):
     """The request names a model the server does not serve."""
+
+
+class ModalityNotServedError(ClipVisionError):
+    """The model is served without what the call needs, for example texts on a vision-only model."""
 
 
 class PermissionDeniedError(ClipVisionError):
@@ -101,6 +112,7 @@ class InternalError(ClipVisionError):
 _BY_CODE: dict[grpc.StatusCode, type[ClipVisionError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
     grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: ModalityNotServedError,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
@@ -135,6 +147,8 @@ def error_from_status(
         cls = ImageReadError
     elif status is grpc.StatusCode.INVALID_ARGUMENT and reason.startswith(("IMAGE_", "URI_")):
         cls = InvalidImageError
+    elif status is grpc.StatusCode.INVALID_ARGUMENT and reason.startswith("TEXT_"):
+        cls = InvalidTextError
     else:
         cls = _BY_CODE.get(status, ClipVisionError)
     return cls(message, code=status, reason=reason, retry_after_s=retry_after_s)
@@ -165,5 +179,5 @@ def error_from_rpc_error(error: grpc.RpcError) -> ClipVisionError:
 
 
 def error_from_item(item: pb.ItemError) -> ClipVisionError:
-    """The typed exception for one image's in-band ItemError."""
+    """The typed exception for one item's in-band ItemError."""
     return error_from_status(item.code, item.reason, item.message)

@@ -1,9 +1,10 @@
-"""The bookkeeping of an EmbedImageStream: what is in flight, in input order.
+"""The bookkeeping of an embedding stream: what is in flight, in input order.
 
-Both clients drive a stream the same way: pull inputs until the window is full,
-then hand out results oldest first. An input the client refused before sending
-(an unreadable file) holds its place in the window as an error, so results come
-out in input order whatever happened to each one.
+Both clients drive an EmbedImageStream or an EmbedTextStream the same way:
+pull inputs until the window is full, then hand out results oldest first. An
+input the client refused before sending (an unreadable file, a text UTF-8
+cannot encode) holds its place in the window as an error, so results come out
+in input order whatever happened to each one.
 
 The window keeps each request until it is answered, so that when the stream
 breaks (a replica killed, or draining and ending the stream with UNAVAILABLE)
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import grpc
 
@@ -25,7 +28,6 @@ from clipvision.client._errors import (
     error_from_rpc_error,
     error_from_status,
 )
-from clipvision.client._messages import Result, to_vector
 from clipvision.v1 import embedding_service_pb2 as pb
 
 logger = logging.getLogger("clipvision.client")
@@ -37,17 +39,29 @@ RESTART_BACKOFF_S = (0.0, 0.25, 0.5, 1.0, 2.0)
 # with UNAVAILABLE): a local failure, not a verdict of the server.
 _AIO_SEND_FAILED = "Internal error from Core"
 
+RequestT = TypeVar("RequestT", pb.EmbedImageStreamRequest, pb.EmbedTextStreamRequest)
+ResponseT = TypeVar("ResponseT", pb.EmbedImageStreamResponse, pb.EmbedTextStreamResponse)
+ValueT = TypeVar("ValueT")
 
-class StreamWindow:
-    """The inputs of one stream that have no result yet, oldest first, at most ``size`` of them."""
 
-    def __init__(self, size: int, model: str | None, normalize: bool | None) -> None:
+class StreamWindow(Generic[RequestT, ResponseT, ValueT]):
+    """The inputs of one stream that have no result yet, oldest first, at most ``size`` of them.
+
+    ``method`` and ``noun`` ("EmbedImageStream", "images") name the stream in
+    errors and logs; ``value`` turns an answered embedding into what the caller
+    gets (a vector, a TextEmbedding).
+    """
+
+    def __init__(
+        self, size: int, method: str, noun: str, value: Callable[[pb.Embedding], ValueT]
+    ) -> None:
         if size < 1:
             raise ValueError("the stream window must be at least 1")
         self._size = size
-        self._model = model or ""
-        self._normalize = normalize
-        self._pending: deque[pb.EmbedImageStreamRequest | ClipVisionError] = deque()
+        self.method = method
+        self.noun = noun
+        self._value = value
+        self._pending: deque[RequestT | ClipVisionError] = deque()
         self._sent = 0
 
     def __len__(self) -> int:
@@ -58,21 +72,19 @@ class StreamWindow:
         """Whether the window holds as many inputs as it may."""
         return len(self._pending) >= self._size
 
-    def add(self, image: pb.Image | ClipVisionError) -> pb.EmbedImageStreamRequest | None:
-        """Take the next input; returns the request to send, or None for a refused input."""
-        if isinstance(image, ClipVisionError):
-            self._pending.append(image)
-            return None
-        request = pb.EmbedImageStreamRequest(id=str(self._sent), image=image, model=self._model)
-        self._sent += 1
-        if self._normalize is not None:
-            request.normalize = self._normalize
+    def add(self, request: RequestT | ClipVisionError) -> RequestT | None:
+        """Take the next input's request, or the client's error for it; returns the request,
+        numbered, to send, or None for a refused input."""
         self._pending.append(request)
+        if isinstance(request, ClipVisionError):
+            return None
+        request.id = str(self._sent)
+        self._sent += 1
         return request
 
-    def unanswered_requests(self) -> list[pb.EmbedImageStreamRequest]:
+    def unanswered_requests(self) -> list[RequestT]:
         """The requests sent and not yet answered, oldest first: what a new stream re-sends."""
-        return [entry for entry in self._pending if isinstance(entry, pb.EmbedImageStreamRequest)]
+        return [entry for entry in self._pending if not isinstance(entry, ClipVisionError)]
 
     def pop_refused(self) -> ClipVisionError | None:
         """The oldest input's error if the client refused it; it leaves the window."""
@@ -82,28 +94,28 @@ class StreamWindow:
             return head
         return None
 
-    def match(self, response: pb.EmbedImageStreamResponse) -> Result:
+    def match(self, response: ResponseT) -> ValueT | ClipVisionError:
         """The result of the oldest input, which ``response`` must answer."""
         head = self._pending.popleft() if self._pending else None
-        expected = head.id if isinstance(head, pb.EmbedImageStreamRequest) else None
+        expected = None if head is None or isinstance(head, ClipVisionError) else head.id
         if response.id != expected:
             raise error_from_status(
                 grpc.StatusCode.INTERNAL,
                 "STREAM_OUT_OF_ORDER",
                 f"The server answered request {response.id!r} when {expected!r} was due; it "
-                "breaks the EmbedImageStream contract.",
+                f"breaks the {self.method} contract.",
             )
         if response.HasField("error"):
             return error_from_item(response.error)
-        return to_vector(response.embedding)
+        return self._value(response.embedding)
 
     def unanswered(self) -> ClipVisionError:
         """The error for a stream that ended while requests were still due."""
         return error_from_status(
             grpc.StatusCode.INTERNAL,
             "STREAM_INCOMPLETE",
-            f"The server closed the stream with {len(self._pending)} images unanswered; it "
-            "breaks the EmbedImageStream contract.",
+            f"The server closed the stream with {len(self._pending)} {self.noun} unanswered; it "
+            f"breaks the {self.method} contract.",
         )
 
 
@@ -123,14 +135,15 @@ class StreamRestarts:
         if limit < 0:
             raise ValueError("max_stream_restarts must not be negative")
         self.limit = limit
-        self.total = 0
         self._consecutive = 0
 
     def answered(self) -> None:
         """A response arrived: the stream is making progress."""
         self._consecutive = 0
 
-    def next_delay(self, error: grpc.RpcError, window: StreamWindow) -> float | None:
+    def next_delay(
+        self, error: grpc.RpcError, window: StreamWindow[RequestT, ResponseT, ValueT]
+    ) -> float | None:
         """Seconds to wait before resuming after ``error``, or None to give up and raise it."""
         # The asyncio client's AioRpcError is not a grpc.Call, but has the same accessors.
         call = error if isinstance(error, grpc.Call | grpc.aio.AioRpcError) else None
@@ -138,13 +151,14 @@ class StreamRestarts:
             return None
         delay = RESTART_BACKOFF_S[min(self._consecutive, len(RESTART_BACKOFF_S) - 1)]
         self._consecutive += 1
-        self.total += 1
         logger.warning(
-            "EmbedImageStream broke (%s: %s); resuming on a new stream with %d "
-            "unanswered images (restart %d of at most %d in a row)",
+            "%s broke (%s: %s); resuming on a new stream with %d "
+            "unanswered %s (restart %d of at most %d in a row)",
+            window.method,
             call.code().name,
             call.details(),
             len(window.unanswered_requests()),
+            window.noun,
             self._consecutive,
             self.limit,
         )

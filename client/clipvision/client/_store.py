@@ -1,13 +1,18 @@
 """The output of ``clipvision embed``: an append-only ``.npy`` matrix and a JSON-lines index.
 
-``OUT.npy`` is a float32 matrix with one row per embedded file, loadable with
-``numpy.load`` (memory-mapped if you like) at any moment, even mid-run.
-``OUT.jsonl`` starts with one line describing the run (model, normalisation)
-and then holds one line per file, in the order they were embedded::
+``OUT.npy`` is a float32 matrix with one row per embedded file (or text),
+loadable with ``numpy.load`` (memory-mapped if you like) at any moment, even
+mid-run. ``OUT.jsonl`` starts with one line describing the run (model,
+normalisation, and ``"input": "text"`` for texts) and then holds one line per
+file, in the order they were embedded::
 
     {"path": "/data/a.jpg", "status": "ok", "row": 0}
     {"path": "/data/b.jpg", "status": "failed", "code": "INVALID_ARGUMENT",
      "reason": "IMAGE_DECODE_FAILED", "message": "..."}
+
+or, for texts, one line per distinct text::
+
+    {"text": "a photo of a cat", "status": "ok", "row": 0, "truncated": false}
 
 Crash safety comes from the order of writes for each chunk of results:
 
@@ -36,7 +41,7 @@ from typing import IO, Any, Literal
 import numpy as np
 
 from clipvision.client._errors import ClipVisionError
-from clipvision.client._messages import FloatArray
+from clipvision.client._messages import FloatArray, TextEmbedding
 
 try:
     import fcntl
@@ -50,6 +55,10 @@ HEADER_BYTES = 128
 _MAGIC = b"\x93NUMPY\x01\x00"
 _ROW_DTYPE = np.dtype("<f4")
 
+InputKind = Literal["image", "text"]
+"""What an output holds: embeddings of image files (keyed by path) or of texts (keyed by text)."""
+_KEY_FIELD: dict[InputKind, str] = {"image": "path", "text": "text"}
+
 
 class StoreError(Exception):
     """The output cannot be created or resumed as asked; the message says what to do."""
@@ -57,21 +66,27 @@ class StoreError(Exception):
 
 @dataclass(frozen=True)
 class IndexEntry:
-    """One file's line in the index."""
+    """One file's (or text's) line in the index."""
 
-    path: str
+    key: str
+    """The file's absolute path, or the text itself."""
     status: Literal["ok", "failed"]
     row: int | None = None
     code: str = ""
     reason: str = ""
     message: str = ""
+    truncated: bool | None = None
+    """Texts only: whether the text was cut to the model's context."""
 
-    def to_json(self) -> dict[str, Any]:
-        """The JSON object of this line."""
+    def to_json(self, key_field: str = "path") -> dict[str, Any]:
+        """The JSON object of this line; ``key_field`` names the key ("path" or "text")."""
         if self.status == "ok":
-            return {"path": self.path, "status": "ok", "row": self.row}
+            line: dict[str, Any] = {key_field: self.key, "status": "ok", "row": self.row}
+            if self.truncated is not None:
+                line["truncated"] = self.truncated
+            return line
         return {
-            "path": self.path,
+            key_field: self.key,
             "status": "failed",
             "code": self.code,
             "reason": self.reason,
@@ -95,8 +110,10 @@ class EmbeddingStore:
         rows: int,
         dimension: int | None,
         repaired: bool,
+        kind: InputKind = "image",
     ) -> None:
         self.npy_path = npy_path
+        self.kind = kind
         self.index_path = index_path_for(npy_path)
         self._index = index
         self._entries = entries
@@ -108,13 +125,19 @@ class EmbeddingStore:
 
     @classmethod
     def open(
-        cls, npy_path: Path, *, model: str, normalized: bool, overwrite: bool = False
+        cls,
+        npy_path: Path,
+        *,
+        model: str,
+        normalized: bool,
+        overwrite: bool = False,
+        kind: InputKind = "image",
     ) -> EmbeddingStore:
         """Create the output, or reopen it to add to it (resume), checking it is compatible.
 
-        Raises StoreError when the output belongs to another model or
-        normalisation, is damaged beyond a torn tail, or is being written by
-        another process.
+        Raises StoreError when the output belongs to another model,
+        normalisation or kind of input, is damaged beyond a torn tail, or is
+        being written by another process.
         """
         if npy_path.suffix != ".npy":
             raise StoreError(f"--out must name a .npy file, got {npy_path}")
@@ -122,7 +145,14 @@ class EmbeddingStore:
         if overwrite:
             for path in (npy_path, index_path):
                 path.unlink(missing_ok=True)
-        meta = {"format": FORMAT, "version": VERSION, "model": model, "normalized": normalized}
+        meta: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": model,
+            "normalized": normalized,
+        }
+        if kind != "image":  # image outputs predate the field: its absence means images
+            meta["input"] = kind
         if not index_path.exists():
             if npy_path.exists():
                 raise StoreError(
@@ -133,17 +163,17 @@ class EmbeddingStore:
         index = index_path.open("r+b")
         try:
             _lock(index, index_path)
-            entries, rows, cut = _read_index(index, index_path, meta)
+            entries, rows, cut = _read_index(index, index_path, meta, kind)
             dimension, extra_rows = _repair_npy(npy_path, rows)
         except BaseException:
             index.close()
             raise
         index.seek(0, os.SEEK_END)
-        return cls(npy_path, index, entries, rows, dimension, cut or extra_rows)
+        return cls(npy_path, index, entries, rows, dimension, cut or extra_rows, kind)
 
     @property
     def entries(self) -> Mapping[str, IndexEntry]:
-        """Every file the output holds, embedded or failed, by absolute path."""
+        """Every file (text) the output holds, embedded or failed, by absolute path (text)."""
         return self._entries
 
     @property
@@ -151,11 +181,17 @@ class EmbeddingStore:
         """How many embeddings the .npy file holds."""
         return self._rows
 
-    def append(self, results: Sequence[tuple[str, FloatArray | ClipVisionError]]) -> None:
+    def append(
+        self, results: Sequence[tuple[str, FloatArray | TextEmbedding | ClipVisionError]]
+    ) -> None:
         """Write one chunk of results durably (see the module docstring for the order)."""
         if not results:
             return
-        vectors = [result for _, result in results if not isinstance(result, ClipVisionError)]
+        vectors = [
+            result.vector if isinstance(result, TextEmbedding) else result
+            for _, result in results
+            if not isinstance(result, ClipVisionError)
+        ]
         if vectors:
             matrix = np.ascontiguousarray(np.stack(vectors), dtype=_ROW_DTYPE)
             npy = self._npy_for(matrix.shape[1])
@@ -165,21 +201,23 @@ class EmbeddingStore:
         lines: list[bytes] = []
         added: list[IndexEntry] = []
         row = self._rows
-        for path, result in results:
+        key_field = _KEY_FIELD[self.kind]
+        for key, result in results:
             if isinstance(result, ClipVisionError):
                 entry = IndexEntry(
-                    path, "failed", None, result.code.name, result.reason, result.message
+                    key, "failed", None, result.code.name, result.reason, result.message
                 )
             else:
-                entry = IndexEntry(path, "ok", row)
+                truncated = result.truncated if isinstance(result, TextEmbedding) else None
+                entry = IndexEntry(key, "ok", row, truncated=truncated)
                 row += 1
             added.append(entry)
-            lines.append(json.dumps(entry.to_json()).encode() + b"\n")
+            lines.append(json.dumps(entry.to_json(key_field)).encode() + b"\n")
         self._index.write(b"".join(lines))
         _sync(self._index)
         self._rows = row
         for entry in added:
-            self._entries.setdefault(entry.path, entry)
+            self._entries.setdefault(entry.key, entry)
         if vectors and self._npy is not None and self._dimension is not None:
             self._npy.seek(0)
             self._npy.write(_npy_header(self._rows, self._dimension))
@@ -243,7 +281,7 @@ def _lock(index: IO[bytes], index_path: Path) -> None:
 
 
 def _read_index(
-    index: IO[bytes], index_path: Path, meta: dict[str, Any]
+    index: IO[bytes], index_path: Path, meta: dict[str, Any], kind: InputKind
 ) -> tuple[dict[str, IndexEntry], int, bool]:
     """The entries and row count of the index's intact prefix; cuts off anything after it."""
     data = index.read()
@@ -258,6 +296,11 @@ def _read_index(
         found = None
     if not isinstance(found, dict) or found.get("format") != FORMAT:
         raise StoreError(f"{index_path} is not a clipvision index; use another --out")
+    held = found.get("input", "image")
+    if held != kind:
+        raise StoreError(
+            f"{index_path} holds embeddings of {held}s, not of {kind}s; use another --out"
+        )
     if (found.get("model"), found.get("normalized")) != (meta["model"], meta["normalized"]):
         raise StoreError(
             f"{index_path} holds embeddings of model {found.get('model')!r} "
@@ -268,10 +311,10 @@ def _read_index(
     rows = 0
     intact = len(complete[0]) + 1
     for line in complete[1:]:
-        entry = _parse_entry(line, rows)
+        entry = _parse_entry(line, rows, _KEY_FIELD[kind])
         if entry is None:
             break  # a torn write: this line and all after it are cut off
-        entries.setdefault(entry.path, entry)
+        entries.setdefault(entry.key, entry)
         rows += entry.status == "ok"
         intact += len(line) + 1
     cut = intact < len(data)
@@ -281,19 +324,25 @@ def _read_index(
     return entries, rows, cut
 
 
-def _parse_entry(line: bytes, next_row: int) -> IndexEntry | None:
+def _parse_entry(line: bytes, next_row: int, key_field: str) -> IndexEntry | None:
     try:
         found = json.loads(line)
     except ValueError:
         return None
-    if not isinstance(found, dict) or not isinstance(found.get("path"), str):
+    if not isinstance(found, dict) or not isinstance(found.get(key_field), str):
         return None
+    key = found[key_field]
     if found.get("status") == "ok":
         # Rows are assigned in order; anything else is not a line this module wrote.
-        return IndexEntry(found["path"], "ok", next_row) if found.get("row") == next_row else None
+        if found.get("row") != next_row:
+            return None
+        truncated = found.get("truncated")
+        return IndexEntry(
+            key, "ok", next_row, truncated=None if truncated is None else truncated is True
+        )
     if found.get("status") == "failed":
         return IndexEntry(
-            found["path"],
+            key,
             "failed",
             None,
             str(found.get("code", "")),

@@ -1,6 +1,6 @@
-"""The ``clipvision`` command: ``embed`` files and folders into .npy + index, ``info`` on a server.
+"""The ``clipvision`` command: ``embed`` files, folders or texts into .npy + index, ``info``.
 
-Exit status: 0 when every file is embedded; 1 when some file failed, the
+Exit status: 0 when every file (text) is embedded; 1 when some failed, the
 stream broke or the server cannot be reached (what was done is kept; rerun the
 same command to resume); 2 for a usage error or an output that cannot be used;
 130 when interrupted (rerun to resume).
@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -25,7 +25,7 @@ from clipvision.client._channel import DEFAULT_TARGET
 from clipvision.client._client import EmbeddingClient
 from clipvision.client._discovery import image_files
 from clipvision.client._errors import ClipVisionError
-from clipvision.client._ingest import IngestReport, ingest
+from clipvision.client._ingest import Embed, IngestReport, Outcome, ingest
 from clipvision.client._store import EmbeddingStore, StoreError
 from clipvision.v1 import embedding_service_pb2 as pb
 
@@ -70,13 +70,27 @@ def build_parser() -> argparse.ArgumentParser:
     embed = commands.add_parser(
         "embed",
         parents=[connection],
-        help="embed image files and folders into OUT.npy with an OUT.jsonl index",
+        help="embed image files and folders, or texts, into OUT.npy with an OUT.jsonl index",
         description="Embed image files, and the image files found recursively in folders, "
-        "through one stream. Writes OUT.npy (float32, one row per embedded file) and OUT.jsonl "
-        "(one line per file: its path and row, or why it failed). Rerunning the same command "
-        "resumes: files already in the output are skipped.",
+        "through one stream; or, with --text FILE, the texts of FILE, one per line. Writes "
+        "OUT.npy (float32, one row per embedded file or text) and OUT.jsonl (one line per file "
+        "or text: its path or text and row, or why it failed). Rerunning the same command "
+        "resumes: what the output already holds is skipped.",
     )
-    embed.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders")
+    embed.add_argument("paths", nargs="*", metavar="PATH", help="image files and folders")
+    embed.add_argument(
+        "--text",
+        type=Path,
+        metavar="FILE",
+        help="embed the texts of FILE (UTF-8, one text per line, empty lines skipped; - for "
+        "stdin) with the model's text tower, instead of images",
+    )
+    embed.add_argument(
+        "--no-truncate",
+        action="store_true",
+        help="with --text: record texts longer than the model's context as failed "
+        "(TEXT_TOO_LONG) instead of embedding their first tokens",
+    )
     embed.add_argument("--out", required=True, type=Path, help="the embeddings file, OUT.npy")
     embed.add_argument("--model", help="a served model (default: the server's default model)")
     embed.add_argument(
@@ -88,13 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--window",
         type=_positive_int,
         default=DEFAULT_STREAM_WINDOW,
-        help="images in flight at once (default: %(default)s)",
+        help="images (texts) in flight at once (default: %(default)s)",
     )
     embed.add_argument(
         "--commit-every",
         type=_positive_int,
         default=DEFAULT_COMMIT_EVERY,
-        help="write results to disk every N files (and at least every 2 s) (default: %(default)s)",
+        help="write results to disk every N inputs (and at least every 2 s) (default: %(default)s)",
     )
     embed.add_argument(
         "--overwrite", action="store_true", help="start OUT afresh instead of resuming it"
@@ -117,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "embed" and (args.text is None) == (not args.paths):
+        parser.error("embed takes image PATHs or --text FILE, one or the other")
     try:
         client = _client(args)
     except (OSError, ValueError) as exc:
@@ -169,6 +185,12 @@ def _info(client: EmbeddingClient, args: argparse.Namespace) -> int:
         f"{_mib(limits.max_receive_message_bytes)}, images up to "
         f"{_mib(limits.max_image_bytes)} and {limits.max_image_pixels:,} pixels"
     )
+    if limits.max_batch_texts:
+        print(
+            f"limits: {limits.max_batch_texts} texts per EmbedTexts call, texts up to "
+            f"{limits.max_text_bytes:,} bytes, {limits.max_classify_labels} labels per "
+            "Classify call"
+        )
     return EXIT_OK
 
 
@@ -188,29 +210,50 @@ def _describe_model(model: pb.ModelInfo) -> str:
         f"{model.device}; source {model.source}\n"
         f"  preprocessing: shortest edge {pre.resize_shortest_edge} px ({interpolation.lower()}), "
         f"centre crop {pre.crop_width}x{pre.crop_height}, mean {_floats(pre.mean)}, "
-        f"std {_floats(pre.std)}"
+        f"std {_floats(pre.std)}\n" + _describe_text(model)
+    )
+
+
+def _describe_text(model: pb.ModelInfo) -> str:
+    if pb.MODALITY_TEXT not in model.modalities:
+        return "  texts: not served (no text tower)"
+    return (
+        f"  texts: context {model.text_context_length} tokens, vocabulary "
+        f"{model.vocab_size:,}, logit scale {model.logit_scale:.4g}"
     )
 
 
 def _embed(client: EmbeddingClient, args: argparse.Namespace) -> int:
+    texts = args.text is not None
     try:
-        files = image_files(args.paths)
+        files = _read_texts(args.text) if texts else image_files(args.paths)
     except FileNotFoundError as exc:
         _say(str(exc))
+        return EXIT_USAGE
+    except (OSError, ValueError) as exc:
+        _say(f"cannot read {args.text}: {exc}")
         return EXIT_USAGE
     try:
         info = client.model_info()
     except ClipVisionError as error:
         _say(f"cannot reach the server at {args.server}: {error}")
         return EXIT_FAILED
-    model = _served_model(info, args.model)
-    if model is None:
-        served = ", ".join(m.name for m in info.models)
-        _say(f"the server does not serve model {args.model!r}; it serves: {served}")
+    served = _served_model(info, args.model)
+    if served is None:
+        names = ", ".join(m.name for m in info.models)
+        _say(f"the server does not serve model {args.model!r}; it serves: {names}")
+        return EXIT_USAGE
+    model = served.name
+    if texts and pb.MODALITY_TEXT not in served.modalities:
+        _say(f"model {model!r} is served without its text tower, so it cannot embed texts")
         return EXIT_USAGE
     try:
         store = EmbeddingStore.open(
-            args.out, model=model, normalized=not args.raw, overwrite=args.overwrite
+            args.out,
+            model=model,
+            normalized=not args.raw,
+            overwrite=args.overwrite,
+            kind="text" if texts else "image",
         )
     except StoreError as exc:
         _say(str(exc))
@@ -224,37 +267,85 @@ def _embed(client: EmbeddingClient, args: argparse.Namespace) -> int:
         if store.repaired:
             _say(f"{args.out}: cut off the partial write of an interrupted run")
         done = sum(path in store.entries for path in files)
-        _say(f"{len(files)} files; {done} already in {args.out}; embedding {len(files) - done}")
+        noun = "text" if texts else "file"
+        _say(
+            f"{_count(len(files), noun)}; {done} already in {args.out}; "
+            f"embedding {len(files) - done}"
+        )
+        embed: Embed
+        if texts:
+            truncate = False if args.no_truncate else None
+
+            def embed(todo: list[str]) -> Generator[Outcome, None, None]:
+                return client.embed_text_stream(
+                    todo,
+                    model=model,
+                    normalize=not args.raw,
+                    truncate=truncate,
+                    return_exceptions=True,
+                )
+        else:
+
+            def embed(todo: list[str]) -> Generator[Outcome, None, None]:
+                return client.embed_images(
+                    todo, model=model, normalize=not args.raw, return_exceptions=True
+                )
+
         try:
             report = ingest(
-                client,
+                embed,
                 store,
                 files,
-                model=model,
-                normalize=not args.raw,
                 commit_every=args.commit_every,
                 progress=False if args.no_progress else None,
+                unit=noun,
                 stop=stop,
             )
         except OSError as exc:  # a full disk, say: what was committed stays valid
             _say(f"cannot write {args.out}: {exc.strerror or exc}; fix that and rerun to resume")
             return EXIT_FAILED
-        return _summarise(report, store, files)
+        return _summarise(report, store, files, noun)
     finally:
         restore()
         store.close()
 
 
-def _served_model(info: pb.GetModelInfoResponse, wanted: str | None) -> str | None:
+def _read_texts(path: Path) -> list[str]:
+    """The distinct texts of ``path`` (``-``: stdin), one per line, in order; empty lines skipped.
+
+    Only a line feed ends a line (a carriage return before it is dropped), so no other
+    character splits a text; a UTF-8 byte order mark is ignored. Raises ValueError when the
+    file is not UTF-8.
+    """
+    if str(path) == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file")
+        data = path.read_bytes()
+    try:
+        content = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ValueError(
+            f"line {line} is not UTF-8 ({exc.reason}); save the file as UTF-8"
+        ) from None
+    lines = (line.removesuffix("\r") for line in content.split("\n"))
+    return list(dict.fromkeys(line for line in lines if line))
+
+
+def _served_model(info: pb.GetModelInfoResponse, wanted: str | None) -> pb.ModelInfo | None:
     for model in info.models:
         if model.name == wanted or (wanted is None and model.is_default):
-            return model.name
+            return model
     if wanted is None and info.models:
-        return info.models[0].name
+        return info.models[0]
     return None
 
 
-def _summarise(report: IngestReport, store: EmbeddingStore, files: Sequence[str]) -> int:
+def _summarise(
+    report: IngestReport, store: EmbeddingStore, files: Sequence[str], noun: str = "file"
+) -> int:
     failed = [
         (path, entry)
         for path in files
@@ -262,16 +353,22 @@ def _summarise(report: IngestReport, store: EmbeddingStore, files: Sequence[str]
     ]
     _say(
         f"embedded {report.embedded}, failed {len(report.failed)}, skipped {report.skipped} "
-        f"(already done); {store.npy_path} has {store.rows} rows, indexed in {store.index_path}"
+        f"(already done); {store.npy_path} has {_count(store.rows, 'row')}, "
+        f"indexed in {store.index_path}"
     )
     if failed:
-        _say(f'{len(failed)} files cannot be embedded (status "failed" in the index):')
+        _say(f'{_count(len(failed), noun)} cannot be embedded (status "failed" in the index):')
         for path, entry in failed:
-            _say(f"  {path}: {entry.reason}: {entry.message}")
+            _say(f"  {_shown(path, noun)}: {entry.reason}: {entry.message}")
     if report.not_done:
-        _say(f"{len(report.not_done)} files were not embedded this time; rerun to retry them:")
+        _say(f"{_count(len(report.not_done), noun)} not embedded this time; rerun to retry them:")
         for path, error in report.not_done:
-            _say(f"  {path}: {error}")
+            _say(f"  {_shown(path, noun)}: {error}")
+    if report.truncated:
+        _say(
+            f"{_count(report.truncated, noun)} longer than the model's context embedded only "
+            'in part ("truncated": true in the index; --no-truncate refuses them instead)'
+        )
     if report.interrupted:
         _say("interrupted; rerun the same command to resume")
         return EXIT_INTERRUPTED
@@ -314,6 +411,17 @@ def _mib(size: int) -> str:
 
 def _floats(values: Sequence[float]) -> str:
     return "(" + ", ".join(f"{value:.4g}" for value in values) + ")"
+
+
+def _count(count: int, noun: str) -> str:
+    return f"1 {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _shown(key: str, noun: str) -> str:
+    """A path as it is; a text quoted, and shortened when long."""
+    if noun == "file":
+        return key
+    return repr(key if len(key) <= 60 else key[:57] + "...")
 
 
 def _say(message: str) -> None:

@@ -314,3 +314,13 @@ class MemoryBudget:
 
 def _mib(value: int) -> str:
     return f"{value / (1 << 20):.1f}"
+
+
+def seconds_until(deadline: float) -> float:
+    """Seconds from now to ``deadline`` (event loop time), never negative."""
+    return max(0.0, deadline - asyncio.get_running_loop().time())
+
+
+def seconds_left(deadline: float | None) -> float | None:
+    """Seconds from now to ``deadline``; None (wait as long as it takes) for no deadline."""
+    return None if deadline is None else seconds_until(deadline)

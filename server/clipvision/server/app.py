@@ -20,9 +20,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from clipvision.server.allocator import MemoryTrimmer
+from clipvision.server.dispatch import FairDispatcher
 from clipvision.server.errors import CheckpointError
 from clipvision.server.gate import CallGate, GateLimits
 from clipvision.server.health import HealthReporter
+from clipvision.server.image_pipeline import ImagePipeline
 from clipvision.server.image_sources import ImageSources
 from clipvision.server.interceptors import SERVICE_NAME, ErrorMappingInterceptor
 from clipvision.server.listener import GrpcListener, ListenerError
@@ -30,7 +32,9 @@ from clipvision.server.metrics import ServerMetrics
 from clipvision.server.models import ModelRegistry
 from clipvision.server.servicer import EmbeddingServicer
 from clipvision.server.settings import Settings
+from clipvision.server.text_pipeline import TextPipeline
 from clipvision.server.watchdog import DeviceWatchdog
+from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
@@ -104,6 +108,21 @@ def gate_limits(settings: Settings) -> GateLimits:
     )
 
 
+def service_limits(settings: Settings) -> pb.Limits:
+    """The limits GetModelInfo reports and the servicer enforces (the memory budget apart)."""
+    return pb.Limits(
+        max_batch_images=settings.max_batch_images,
+        max_receive_message_bytes=settings.max_message_bytes,
+        max_image_bytes=settings.image_limits.max_image_bytes,
+        max_image_pixels=settings.image_limits.max_image_pixels,
+        stream_window=settings.stream_window,
+        max_queue_size=settings.max_queue_size,
+        max_batch_texts=settings.max_batch_texts,
+        max_text_bytes=settings.max_text_bytes,
+        max_classify_labels=settings.max_classify_labels,
+    )
+
+
 class ClipVisionServer:
     """A built server and everything it owns: models, thread pools and health."""
 
@@ -131,8 +150,14 @@ class ClipVisionServer:
         self.gate = CallGate(gate_limits(settings), self.metrics, settings.auth_token)
         self._interceptors = (self.gate, ErrorMappingInterceptor(self.metrics))
         self.sources = ImageSources(settings.image_limits, settings.fetch_policy)
+        # At most one decode (or tokenization) per worker is handed to the pool; the rest
+        # wait in per-caller queues, so the pool's own FIFO never holds one caller's backlog.
+        preprocessing = FairDispatcher(self._preprocess_executor, settings.preprocess_workers)
+        # One pipeline per modality, shared by every service on the port.
+        self.images = ImagePipeline(self.sources, self.registry.budget, preprocessing, self.metrics)
+        self.texts = TextPipeline(self.registry.budget, preprocessing, self.metrics)
         self._servicer = EmbeddingServicer(
-            settings, self.registry, self._preprocess_executor, self.sources, self.metrics
+            self.registry, self.images, self.texts, service_limits(settings), self.metrics
         )
         self.listener = GrpcListener(
             self._build_grpc_server(),

@@ -1,6 +1,11 @@
 """Continuous batching: whatever is queued when the device frees up forms the next batch.
 
-There is no timer by default: while the device works on one batch, new images
+One class batches both modalities: it takes the batch function it runs on the
+device thread (images: stack, forward, copy; texts: pad, forward, copy), one
+executor hop per batch. All batchers share the one device thread, whose FIFO
+alternates between them, so neither modality starves the other.
+
+There is no timer by default: while the device works on one batch, new items
 queue up (their preprocessing overlapping the forward pass), and they all go
 together as soon as it is free. Admission is bounded and fair between callers
 (admission.FairPool): unary callers are refused when the model's capacity is taken,
@@ -16,18 +21,17 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Protocol
-
-import numpy as np
-import torch
+from typing import Generic, Literal, Protocol, TypeVar
 
 from clipvision.server.admission import BudgetObserver, FairPool
-from clipvision.server.encoder import ClipImageEncoder, FloatArray
+from clipvision.server.encoder import FloatArray
 from clipvision.server.errors import InternalError, OverloadedError, Reason
-from clipvision.server.preprocess import UInt8Array
+
+Modality = Literal["image", "text"]
+Payload = TypeVar("Payload")
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +39,16 @@ logger = logging.getLogger(__name__)
 class BatchObserver(Protocol):
     """Receives what the batcher does, for metrics."""
 
-    def on_batch(self, model: str, size: int, seconds: float) -> None:
-        """A batch of ``size`` images took ``seconds`` on the device (forward and copy)."""
+    def on_batch(self, model: str, size: int, seconds: float, modality: Modality = "image") -> None:
+        """A batch of ``size`` items took ``seconds`` on the device (forward and copy)."""
 
-    def on_queue_depth(self, model: str, depth: int) -> None:
-        """The number of images admitted and not yet answered changed."""
+    def on_queue_depth(self, model: str, depth: int, modality: Modality = "image") -> None:
+        """The number of items admitted and not yet answered changed."""
 
 
 @dataclass(frozen=True)
 class Embedded:
-    """One image's raw features and where its time went in the batcher."""
+    """One item's raw features and where its time went in the batcher."""
 
     features: FloatArray
     queue_s: float
@@ -54,34 +58,40 @@ class Embedded:
 
 
 @dataclass
-class _Item:
-    pixels: UInt8Array
+class _Item(Generic[Payload]):
+    payload: Payload
     future: asyncio.Future[Embedded] = field(repr=False)
     # perf_counter() at submission: the queue wait is measured per image, not per batch.
     enqueued: float = field(default_factory=time.perf_counter)
 
 
-class MicroBatcher:
-    """Queues preprocessed images of one model and runs them through the device in batches.
+class MicroBatcher(Generic[Payload]):
+    """Queues prepared items of one model and modality and runs them through the device.
 
-    One future per image; images whose caller has gone (a cancelled future, which
-    is what a passed deadline or a client cancellation leaves) are dropped before
-    compute; a batch that fails is retried image by image so that only the guilty
-    image fails; the number of outputs is checked against the number of inputs.
+    ``run_batch`` turns a list of payloads into one row of float32 features per
+    payload; it runs on ``device_executor``. One future per item; items whose
+    caller has gone (a cancelled future, which is what a passed deadline or a
+    client cancellation leaves) are dropped before compute; a batch that fails is
+    retried item by item so that only the guilty item fails; the number of
+    outputs is checked against the number of inputs.
     """
 
     def __init__(
         self,
-        encoder: ClipImageEncoder,
+        name: str,
+        run_batch: Callable[[list[Payload]], FloatArray],
         device_executor: Executor,
         *,
+        modality: Modality = "image",
         max_batch_size: int,
         max_batch_delay_s: float = 0.0,
         max_queue_size: int = 256,
         observer: BatchObserver | None = None,
         admission_observer: BudgetObserver | None = None,
     ) -> None:
-        self._encoder = encoder
+        self.name = name
+        self.modality = modality
+        self._run_batch = run_batch
         self._executor = device_executor
         self._max_batch_size = max_batch_size
         self._max_batch_delay_s = max_batch_delay_s
@@ -90,11 +100,11 @@ class MicroBatcher:
         self.capacity = FairPool(max_queue_size)
         # One FIFO per caller, in round-robin order: a caller moves to the back once it
         # has put an image in a batch.
-        self._queues: dict[str, collections.deque[_Item]] = {}
+        self._queues: dict[str, collections.deque[_Item[Payload]]] = {}
         self._queued = 0
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
-        self._in_compute: list[_Item] = []
+        self._in_compute: list[_Item[Payload]] = []
         self.busy_since: float | None = None  # monotonic start of the batch on the device
         # Seconds per image on the device, smoothed: sizes the RetryInfo delay.
         self._seconds_per_image = 0.05
@@ -103,7 +113,7 @@ class MicroBatcher:
         """Start the batching loop on the running event loop."""
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(
-                self._run(), name=f"batcher-{self._encoder.name}"
+                self._run(), name=f"batcher-{self.name}-{self.modality}"
             )
 
     async def stop(self) -> None:
@@ -141,7 +151,7 @@ class MicroBatcher:
             retry_after = max(0.05, pool.used * self._seconds_per_image)
             raise OverloadedError(
                 Reason.QUEUE_FULL,
-                f"Model {self._encoder.name!r} has {pool.used} images in flight, its "
+                f"Model {self.name!r} has {pool.used} {self.modality}s in flight, its "
                 f"limit is {pool.limit}; retry after {retry_after:.2f} s or on "
                 "another replica.",
                 retry_after_s=retry_after,
@@ -169,17 +179,17 @@ class MicroBatcher:
         self.capacity.give(caller, 1)
         self._report_depth()
 
-    async def submit(self, pixels: UInt8Array, caller: str = "") -> Embedded:
-        """Embed one preprocessed image; returns its raw projected features and timings."""
+    async def submit(self, payload: Payload, caller: str = "") -> Embedded:
+        """Embed one prepared item; returns its raw projected features and timings."""
         future: asyncio.Future[Embedded] = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(caller, collections.deque()).append(_Item(pixels, future))
+        self._queues.setdefault(caller, collections.deque()).append(_Item(payload, future))
         self._queued += 1
         self._arrived.set()
         return await future
 
     def _report_depth(self) -> None:
         if self._observer is not None:
-            self._observer.on_queue_depth(self._encoder.name, self.capacity.used)
+            self._observer.on_queue_depth(self.name, self.capacity.used, self.modality)
 
     async def _run(self) -> None:
         while True:
@@ -191,7 +201,7 @@ class MicroBatcher:
                 finally:
                     self._in_compute = []
 
-    async def _next_batch(self) -> list[_Item]:
+    async def _next_batch(self) -> list[_Item[Payload]]:
         while not self._queued:
             self._arrived.clear()
             await self._arrived.wait()
@@ -211,9 +221,9 @@ class MicroBatcher:
         # A caller that cancelled (or whose deadline passed) costs no compute.
         return [item for item in batch if not item.future.done()]
 
-    def _take(self, size: int) -> list[_Item]:
-        """Up to ``size`` images, one per caller in turn (round-robin across batches too)."""
-        batch: list[_Item] = []
+    def _take(self, size: int) -> list[_Item[Payload]]:
+        """Up to ``size`` items, one per caller in turn (round-robin across batches too)."""
+        batch: list[_Item[Payload]] = []
         while len(batch) < size and self._queues:
             for caller in list(self._queues):
                 if len(batch) == size:
@@ -225,19 +235,25 @@ class MicroBatcher:
         self._queued -= len(batch)
         return batch
 
-    async def _compute(self, batch: list[_Item]) -> None:
+    async def _compute(self, batch: list[_Item[Payload]]) -> None:
         started = time.perf_counter()
         try:
-            rows, seconds = await self._embed([item.pixels for item in batch])
+            rows, seconds = await self._embed([item.payload for item in batch])
         except Exception:
             if len(batch) == 1:
                 logger.exception(
-                    "forward pass failed for one image of model %s", self._encoder.name
+                    "forward pass failed for one %s of model %s", self.modality, self.name
                 )
-                _fail(batch[0], InternalError(Reason.INTERNAL, "The model failed on this image."))
+                _fail(
+                    batch[0],
+                    InternalError(Reason.INTERNAL, f"The model failed on this {self.modality}."),
+                )
                 return
             logger.warning(
-                "a batch of %d failed; retrying image by image", len(batch), exc_info=True
+                "a batch of %d %ss failed; retrying one by one",
+                len(batch),
+                self.modality,
+                exc_info=True,
             )
             for item in batch:
                 if not item.future.done():
@@ -247,27 +263,26 @@ class MicroBatcher:
             if not item.future.done():
                 item.future.set_result(Embedded(row, started - item.enqueued, seconds))
 
-    async def _embed(self, pixels: list[UInt8Array]) -> tuple[FloatArray, float]:
+    async def _embed(self, payloads: list[Payload]) -> tuple[FloatArray, float]:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        stacked = np.stack(pixels)
         self.busy_since = time.monotonic()
         try:
-            features: torch.Tensor = await loop.run_in_executor(
-                self._executor, self._encoder.forward, stacked
-            )
-            rows = await loop.run_in_executor(self._executor, self._encoder.to_host, features)
+            # Forward and copy in one hop of the device thread.
+            rows = await loop.run_in_executor(self._executor, self._run_batch, payloads)
         finally:
             self.busy_since = None
-        if rows.shape[0] != len(pixels):
-            raise RuntimeError(f"the model returned {rows.shape[0]} rows for {len(pixels)} images")
+        if rows.shape[0] != len(payloads):
+            raise RuntimeError(
+                f"the model returned {rows.shape[0]} rows for {len(payloads)} {self.modality}s"
+            )
         seconds = time.perf_counter() - started
-        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * seconds / len(pixels)
+        self._seconds_per_image = 0.8 * self._seconds_per_image + 0.2 * seconds / len(payloads)
         if self._observer is not None:
-            self._observer.on_batch(self._encoder.name, len(pixels), seconds)
+            self._observer.on_batch(self.name, len(payloads), seconds, self.modality)
         return rows, seconds
 
 
-def _fail(item: _Item, error: Exception) -> None:
+def _fail(item: _Item[Payload], error: Exception) -> None:
     if not item.future.done():
         item.future.set_exception(error)

@@ -1,7 +1,10 @@
-"""Load a CLIP vision tower and its projection, from a directory, the hub or random weights.
+"""Load CLIP's towers and their projections, from a directory, the hub or random weights.
 
-Only the vision tower and the visual projection are materialised, whether the
-checkpoint is a full ``CLIPModel`` or a ``CLIPVisionModelWithProjection``.
+The vision tower and projection are always loaded. A full ``CLIPModel`` checkpoint
+that ships its tokenizer also gives the text tower, its projection and the learned
+``logit_scale``; a ``CLIPVisionModelWithProjection`` checkpoint serves images only.
+Each tower is materialised on its own (never the whole ``CLIPModel``), so a
+vision-only server holds no text weights.
 """
 
 from __future__ import annotations
@@ -15,7 +18,16 @@ from typing import Any
 import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
+from safetensors import safe_open
+from tokenizers import pre_tokenizers
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 from transformers.utils import logging as transformers_logging
 
 from clipvision.server.errors import CheckpointError
@@ -31,9 +43,32 @@ CHECKPOINT_FILES = [
     "preprocessor_config.json",
     "*.safetensors",
     "*.safetensors.index.json",
+    # The tokenizer, in either of the forms CLIPTokenizer reads.
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
 ]
+# CLIP's initial temperature, exp(logit_scale) = 1 / 0.07, for random weights.
+DUMMY_LOGIT_SCALE = 1 / 0.07
+# CLIP's byte-level BPE: the special tokens sit at the end of a 49,408-token vocabulary.
+CLIP_VOCAB_SIZE = 49408
 CLIP_MODEL_TYPES = {"clip", "clip_vision_model"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class TextTower:
+    """A loaded, immutable text tower with its tokenizer and the model's temperature."""
+
+    model: CLIPTextModelWithProjection
+    tokenizer: CLIPTokenizer
+    context_length: int
+    """The most tokens (start and end included) the tower takes: 77 for OpenAI's."""
+    vocab_size: int
+    logit_scale: float
+    """``CLIPModel.logit_scale.exp()``: cosines are multiplied by it before a softmax."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +82,9 @@ class Checkpoint:
     device: torch.device
     dtype: torch.dtype
     dummy_weights: bool
+    text: TextTower | None = None
+    """The text tower, or None when the checkpoint has none (``text_missing`` says why)."""
+    text_missing: str = ""
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -88,6 +126,8 @@ def load_checkpoint(
             raise CheckpointError(f"--dummy-weights needs a preset, and {spec.source!r} is not one")
         model = _random_model(preset)
         preprocess = PreprocessConfig.openai_clip(preset.image_size)
+        text: TextTower | None = _random_text_tower(preset)
+        text_missing = ""
     else:
         directory = _local_directory(spec.hub_or_path, cache_dir)
         vision_config = _vision_config(directory)
@@ -100,7 +140,13 @@ def load_checkpoint(
                 )
         model = _pretrained_model(directory, vision_config)
         preprocess = _preprocess_config(directory)
+        text, text_missing = _pretrained_text_tower(directory, int(vision_config.projection_dim))
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if text is not None:
+        text_model = text.model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        text = TextTower(
+            text_model, text.tokenizer, text.context_length, text.vocab_size, text.logit_scale
+        )
     config = model.config
     return Checkpoint(
         model=model,
@@ -110,6 +156,8 @@ def load_checkpoint(
         device=device,
         dtype=dtype,
         dummy_weights=dummy_weights,
+        text=text,
+        text_missing=text_missing,
     )
 
 
@@ -119,6 +167,113 @@ def _random_model(preset: Preset) -> CLIPVisionModelWithProjection:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return CLIPVisionModelWithProjection(config)
+
+
+def _random_text_tower(preset: Preset) -> TextTower:
+    config = CLIPTextConfig(
+        projection_dim=preset.embedding_dim,
+        vocab_size=CLIP_VOCAB_SIZE,
+        bos_token_id=CLIP_VOCAB_SIZE - 2,
+        eos_token_id=CLIP_VOCAB_SIZE - 1,
+        pad_token_id=CLIP_VOCAB_SIZE - 1,
+        **preset.text_config,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        model = CLIPTextModelWithProjection(config)
+    return TextTower(
+        model,
+        byte_level_tokenizer(),
+        int(config.max_position_embeddings),
+        CLIP_VOCAB_SIZE,
+        DUMMY_LOGIT_SCALE,
+    )
+
+
+def byte_level_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer with no merges: one token per byte, CLIP's special tokens and ids.
+
+    For random weights only: its tokens are not CLIP's (a word is several tokens), so
+    texts reach the context sooner than with the real vocabulary.
+    """
+    alphabet = list(pre_tokenizers.ByteLevel.alphabet())
+    alphabet.sort(key=_byte_of)
+    vocab = {symbol: index for index, symbol in enumerate(alphabet)}
+    vocab.update({symbol + "</w>": len(alphabet) + index for index, symbol in enumerate(alphabet)})
+    vocab["<|startoftext|>"] = CLIP_VOCAB_SIZE - 2
+    vocab["<|endoftext|>"] = CLIP_VOCAB_SIZE - 1
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _byte_of(symbol: str) -> int:
+    """The byte a ByteLevel symbol stands for (GPT-2's printable mapping)."""
+    code = ord(symbol)
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    if code in printable:
+        return code
+    return [b for b in range(256) if b not in printable][code - 256]
+
+
+def _pretrained_text_tower(directory: Path, projection_dim: int) -> tuple[TextTower | None, str]:
+    """The text tower of a full CLIPModel checkpoint, or None and why there is none."""
+    config_path = directory / "config.json"
+    raw = json.loads(config_path.read_text())
+    if raw.get("model_type") != "clip":
+        return None, f"{directory} is a vision-only checkpoint ({raw.get('model_type')})"
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        return None, (
+            f"{directory} has no tokenizer (tokenizer.json, or vocab.json and merges.txt)"
+        )
+    fields = {k: v for k, v in raw.get("text_config", {}).items() if k != "model_type"}
+    fields["projection_dim"] = raw.get("projection_dim", projection_dim)
+    config = CLIPTextConfig(**fields)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # the vision weights are "unexpected" here
+    try:
+        model, info = CLIPTextModelWithProjection.from_pretrained(
+            directory, config=config, use_safetensors=True, output_loading_info=True
+        )
+        tokenizer = CLIPTokenizer.from_pretrained(directory)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"could not load the text tower in {directory}: {exc}") from exc
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    missing = [key for key in info.get("missing_keys", []) if not key.endswith("position_ids")]
+    if missing or info.get("mismatched_keys"):
+        shown = ", ".join(map(str, (missing + list(info.get("mismatched_keys", [])))[:5]))
+        raise CheckpointError(
+            f"{directory} lacks text weights or has them in another shape ({shown})"
+        )
+    if len(tokenizer) > config.vocab_size:
+        raise CheckpointError(
+            f"{directory}'s tokenizer has {len(tokenizer)} tokens and its text tower "
+            f"{config.vocab_size}: they do not belong together"
+        )
+    return (
+        TextTower(
+            model,
+            tokenizer,
+            int(config.max_position_embeddings),
+            len(tokenizer),
+            _logit_scale(directory),
+        ),
+        "",
+    )
+
+
+def _logit_scale(directory: Path) -> float:
+    """``exp(logit_scale)`` read from the checkpoint's weights (sharded or not)."""
+    files = sorted(directory.glob("*.safetensors"))
+    index = next(directory.glob("*.safetensors.index.json"), None)
+    if index is not None:
+        shard = json.loads(index.read_text()).get("weight_map", {}).get("logit_scale")
+        files = [directory / shard] if shard else files
+    for path in files:
+        with safe_open(str(path), framework="pt") as weights:
+            if "logit_scale" in weights.keys():  # noqa: SIM118 (safe_open has no __contains__)
+                return float(weights.get_tensor("logit_scale").float().exp())
+    raise CheckpointError(f"{directory} has a text tower but no logit_scale weight")
 
 
 def _local_directory(source: str, cache_dir: str | None) -> Path:

@@ -44,11 +44,6 @@ class ClipImageEncoder:
         self._channels = torch.arange(3, device=checkpoint.device).view(1, 3, 1, 1)
         self._pin_memory = checkpoint.device.type == "cuda"
 
-    @property
-    def embedding_dim(self) -> int:
-        """Length of the vectors this model returns."""
-        return self.checkpoint.embedding_dim
-
     def preprocess(self, data: bytes | ProbedImage) -> UInt8Array:
         """Decode one encoded (or already probed) image into resized, cropped (3, H, W) uint8."""
         if isinstance(data, ProbedImage):
@@ -96,6 +91,13 @@ class ClipImageEncoder:
         )
         for size in batch_sizes:
             self.to_host(self.forward(np.zeros((size, 3, height, width), dtype=np.uint8)))
+
+    def embed_batch(self, pixels: list[UInt8Array]) -> FloatArray:
+        """Forward a batch of preprocessed images and copy the features to the host.
+
+        The batcher's batch function: one call, one hop of the device thread.
+        """
+        return self.to_host(self.forward(np.stack(pixels)))
 
 
 def l2_normalize(vector: FloatArray) -> FloatArray:

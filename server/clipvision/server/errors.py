@@ -20,6 +20,7 @@ class Code(IntEnum):
     NOT_FOUND = 5
     PERMISSION_DENIED = 7
     RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
     UNIMPLEMENTED = 12
     INTERNAL = 13
     UNAVAILABLE = 14
@@ -62,6 +63,16 @@ class Reason(StrEnum):
     # The memory budget: full for now (RESOURCE_EXHAUSTED), or one image needs more than all of it.
     MEMORY_BUDGET_FULL = "MEMORY_BUDGET_FULL"
     IMAGE_OVER_MEMORY_BUDGET = "IMAGE_OVER_MEMORY_BUDGET"
+    # Texts and Classify.
+    TEXT_EMPTY = "TEXT_EMPTY"
+    TEXT_TOO_LONG = "TEXT_TOO_LONG"
+    TEXT_TOO_LARGE = "TEXT_TOO_LARGE"
+    TOO_MANY_TEXTS = "TOO_MANY_TEXTS"
+    LABELS_MISSING = "LABELS_MISSING"
+    TOO_MANY_LABELS = "TOO_MANY_LABELS"
+    PROMPT_TEMPLATE_INVALID = "PROMPT_TEMPLATE_INVALID"
+    # The model is served without the tower a call needs (FAILED_PRECONDITION).
+    MODALITY_NOT_SERVED = "MODALITY_NOT_SERVED"
 
 
 ERROR_DOMAIN = "clipvision.dev"
@@ -85,6 +96,18 @@ class InvalidImageError(ClipVisionError):
     """The image bytes or URI cannot be turned into pixels."""
 
     code = Code.INVALID_ARGUMENT
+
+
+class InvalidTextError(ClipVisionError):
+    """The text cannot be embedded as sent (empty, too large, too long without truncation)."""
+
+    code = Code.INVALID_ARGUMENT
+
+
+class ModalityNotServedError(ClipVisionError):
+    """The model is served without the tower (or tokenizer) the call needs."""
+
+    code = Code.FAILED_PRECONDITION
 
 
 class InvalidRequestError(ClipVisionError):

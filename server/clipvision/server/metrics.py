@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from clipvision.server.batcher import Modality
 from clipvision.server.calls import StageTimes
 from clipvision.server.metrics_http import MetricsHTTPServer
 
@@ -122,9 +123,49 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.text_batch_size = Histogram(
+            "clipvision_text_batch_size",
+            "Texts per forward pass of a text tower.",
+            ["model"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        )
+        self.text_inference_seconds = Histogram(
+            "clipvision_text_inference_seconds",
+            "Device time per text batch: forward pass and copy to host.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.texts_embedded = Counter(
+            "clipvision_texts_embedded",
+            "Texts that went through a text tower.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.text_queue_depth = Gauge(
+            "clipvision_text_queue_depth",
+            "Texts admitted and not yet answered.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.text_tokenize_seconds = Histogram(
+            "clipvision_text_tokenize_seconds",
+            "Per text: tokenizing, measured in the worker thread.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.text_queue_seconds = Histogram(
+            "clipvision_text_queue_seconds",
+            "Per text: from entering the batcher's queue to the start of its batch.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.item_errors = Counter(
             "clipvision_item_errors",
-            "Images answered with an in-band error (EmbedImages, EmbedImageStream), by reason.",
+            "Items answered with an in-band error (EmbedImages, EmbedTexts, the streams), by "
+            "reason.",
             ["reason"],
             registry=self.registry,
         )
@@ -150,15 +191,21 @@ class ServerMetrics:
         self._add_admission_metrics()
         self._http: MetricsHTTPServer | None = None
 
-    def on_batch(self, model: str, size: int, seconds: float) -> None:
+    def on_batch(self, model: str, size: int, seconds: float, modality: Modality = "image") -> None:
         """Record one batch that went through the device."""
+        if modality == "text":
+            self.text_batch_size.labels(model).observe(size)
+            self.text_inference_seconds.labels(model).observe(seconds)
+            self.texts_embedded.labels(model).inc(size)
+            return
         self.batch_size.labels(model).observe(size)
         self.inference_seconds.labels(model).observe(seconds)
         self.images_embedded.labels(model).inc(size)
 
-    def on_queue_depth(self, model: str, depth: int) -> None:
-        """Record the number of admitted, unanswered images of a model."""
-        self.queue_depth.labels(model).set(depth)
+    def on_queue_depth(self, model: str, depth: int, modality: Modality = "image") -> None:
+        """Record the number of admitted, unanswered items of a model."""
+        gauge = self.text_queue_depth if modality == "text" else self.queue_depth
+        gauge.labels(model).set(depth)
 
     def on_model_loaded(self, model: str, seconds: float) -> None:
         """Record how long a model took to load and warm up."""
@@ -169,6 +216,11 @@ class ServerMetrics:
         self.image_preprocess_seconds.labels(model).observe(times.preprocess_s)
         self.image_queue_seconds.labels(model).observe(times.queue_s)
         self.image_inference_seconds.labels(model).observe(times.inference_s)
+
+    def on_text(self, model: str, times: StageTimes) -> None:
+        """Record where one embedded text's time went."""
+        self.text_tokenize_seconds.labels(model).observe(times.preprocess_s)
+        self.text_queue_seconds.labels(model).observe(times.queue_s)
 
     def on_item_error(self, reason: str) -> None:
         """Count one image answered in-band with an error."""

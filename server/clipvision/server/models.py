@@ -17,12 +17,16 @@ from clipvision.server.checkpoint import Checkpoint, load_checkpoint, resolve_de
 from clipvision.server.encoder import ClipImageEncoder
 from clipvision.server.errors import (
     CheckpointError,
+    ModalityNotServedError,
     ModelNotFoundError,
     Reason,
     ServiceUnavailableError,
 )
+from clipvision.server.label_cache import LabelCache
 from clipvision.server.memory import default_budget, default_limit, resident_bytes
+from clipvision.server.preprocess import UInt8Array
 from clipvision.server.settings import ModelSpec, Settings
+from clipvision.server.text_encoder import ClipTextEncoder, IdArray
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +39,44 @@ class ModelObserver(BatchObserver, BudgetObserver, Protocol):
 
 
 @dataclass(frozen=True)
+class TextModel:
+    """A loaded text tower, the batcher in front of it and its cache of label vectors."""
+
+    encoder: ClipTextEncoder
+    batcher: MicroBatcher[IdArray]
+    labels: LabelCache
+
+
+@dataclass(frozen=True)
 class ServedModel:
-    """A loaded model and the batcher in front of it."""
+    """A loaded model: its image tower and batcher, and its text tower where it has one."""
 
     encoder: ClipImageEncoder
-    batcher: MicroBatcher
+    batcher: MicroBatcher[UInt8Array]
+    text: TextModel | None = None
+    text_missing: str = ""
+    """Why there is no text tower, for the FAILED_PRECONDITION message."""
+
+    @property
+    def name(self) -> str:
+        """The name requests use to select this model."""
+        return self.encoder.name
+
+    def batchers(self) -> list[MicroBatcher[UInt8Array] | MicroBatcher[IdArray]]:
+        """Every batcher of this model: the image one, and the text one if any."""
+        if self.text is None:
+            return [self.batcher]
+        return [self.batcher, self.text.batcher]
+
+    def text_tower(self) -> TextModel:
+        """The text tower, or ModalityNotServedError naming what is missing."""
+        if self.text is None:
+            raise ModalityNotServedError(
+                Reason.MODALITY_NOT_SERVED,
+                f"Model {self.name!r} is served without a text tower ({self.text_missing}); "
+                "serve a full CLIPModel checkpoint with its tokenizer for texts and Classify.",
+            )
+        return self.text
 
 
 class _Slot:
@@ -91,6 +128,11 @@ class ModelRegistry:
     def drain(self) -> None:
         """Refuse new work from now on: requests get UNAVAILABLE (SERVER_DRAINING)."""
         self._drained.set()
+
+    @property
+    def dummy_weights(self) -> bool:
+        """Whether the models are built with random weights (--dummy-weights)."""
+        return self._settings.dummy_weights
 
     @property
     def draining(self) -> bool:
@@ -165,7 +207,8 @@ class ModelRegistry:
         )
         await loop.run_in_executor(self._executor, encoder.warm_up, (1, settings.max_batch_size))
         batcher = MicroBatcher(
-            encoder,
+            slot.spec.name,
+            encoder.embed_batch,
             self._executor,
             max_batch_size=settings.max_batch_size,
             max_batch_delay_s=settings.max_batch_delay_ms / 1000,
@@ -173,8 +216,11 @@ class ModelRegistry:
             observer=self._observer,
             admission_observer=self._observer,
         )
+        text = await self._text_model(slot.spec, checkpoint)
         batcher.start()
-        slot.model = ServedModel(encoder, batcher)
+        if text is not None:
+            text.batcher.start()
+        slot.model = ServedModel(encoder, batcher, text, checkpoint.text_missing)
         slot.error = None
         if self._settings.memory_budget is None:
             self.budget.resize(self._budget_bytes())  # what is resident now includes the model
@@ -182,15 +228,44 @@ class ModelRegistry:
         if self._observer is not None:
             self._observer.on_model_loaded(slot.spec.name, seconds)
         logger.info(
-            "model %s ready in %.1f s: %d-d, %s on %s%s",
+            "model %s ready in %.1f s: %s, %d-d, %s on %s%s",
             slot.spec.name,
             seconds,
+            "images and texts" if text is not None else "images",
             checkpoint.embedding_dim,
             str(checkpoint.dtype).removeprefix("torch."),
             checkpoint.device,
             " (DUMMY RANDOM WEIGHTS: embeddings mean nothing)" if checkpoint.dummy_weights else "",
         )
         return slot.model
+
+    async def _text_model(self, spec: ModelSpec, checkpoint: Checkpoint) -> TextModel | None:
+        """The text tower's encoder and batcher, warmed up; None without a text tower."""
+        settings = self._settings
+        if checkpoint.text is None:
+            logger.info("model %s serves images only: %s", spec.name, checkpoint.text_missing)
+            return None
+        encoder = ClipTextEncoder(
+            spec.name, checkpoint.text, checkpoint.device, settings.max_text_bytes
+        )
+        await asyncio.get_running_loop().run_in_executor(
+            self._executor, encoder.warm_up, (1, settings.max_batch_size)
+        )
+        batcher: MicroBatcher[IdArray] = MicroBatcher(
+            spec.name,
+            encoder.embed_batch,
+            self._executor,
+            modality="text",
+            max_batch_size=settings.max_batch_size,
+            max_batch_delay_s=settings.max_batch_delay_ms / 1000,
+            # Texts are small: room for a full EmbedTexts or Classify call at least.
+            max_queue_size=max(
+                settings.max_queue_size, settings.max_batch_texts, settings.max_classify_labels
+            ),
+            observer=self._observer,
+            admission_observer=self._observer,
+        )
+        return TextModel(encoder, batcher, LabelCache(settings.label_cache_size))
 
     def _budget_bytes(self) -> int:
         """The configured budget, or the default for the memory limit and what is resident."""
@@ -218,3 +293,5 @@ class ModelRegistry:
                 slot.loading.cancel()
             if slot.model is not None:
                 await slot.model.batcher.stop()
+                if slot.model.text is not None:
+                    await slot.model.text.batcher.stop()

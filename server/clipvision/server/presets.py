@@ -15,6 +15,8 @@ class Preset:
     embedding_dim: int
     image_size: int
     vision_config: dict[str, Any] = field(default_factory=dict)
+    text_config: dict[str, Any] = field(default_factory=dict)
+    """The text tower's shape, for --dummy-weights (a hub checkpoint brings its own)."""
 
     def mismatches(self, config: Any) -> list[str]:
         """How a transformers CLIPVisionConfig differs from this preset (empty if it matches)."""
@@ -43,6 +45,14 @@ PRESETS: dict[str, Preset] = {
                 "patch_size": 32,
                 "hidden_act": "quick_gelu",
             },
+            text_config={
+                "hidden_size": 512,
+                "intermediate_size": 2048,
+                "num_hidden_layers": 12,
+                "num_attention_heads": 8,
+                "max_position_embeddings": 77,
+                "hidden_act": "quick_gelu",
+            },
         ),
         Preset(
             name="ViT-L/14",
@@ -56,6 +66,14 @@ PRESETS: dict[str, Preset] = {
                 "num_attention_heads": 16,
                 "image_size": 224,
                 "patch_size": 14,
+                "hidden_act": "quick_gelu",
+            },
+            text_config={
+                "hidden_size": 768,
+                "intermediate_size": 3072,
+                "num_hidden_layers": 12,
+                "num_attention_heads": 12,
+                "max_position_embeddings": 77,
                 "hidden_act": "quick_gelu",
             },
         ),

@@ -72,6 +72,10 @@ class Settings:
     max_batch_size: int = 32
     max_batch_delay_ms: float = 0.0
     max_batch_images: int = 64
+    max_batch_texts: int = 256
+    max_text_bytes: int = 65536
+    max_classify_labels: int = 256
+    label_cache_size: int = 4096
     max_queue_size: int = 256
     # Bytes; None: the container's memory limit (cgroup), else the RAM.
     memory_limit: int | None = None
@@ -114,6 +118,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
@@ -227,7 +238,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     option(
         "--max-queue-size",
         defaults.max_queue_size,
-        "images per model admitted and not yet answered; past it unary calls get "
+        "images per model admitted and not yet answered (and texts, apart, at least "
+        "--max-batch-texts and --max-classify-labels); past it unary calls get "
         "RESOURCE_EXHAUSTED and streams wait",
         type=_positive_int,
     )
@@ -252,6 +264,31 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         defaults.stream_window,
         "images one EmbedImageStream may have in flight before the server stops reading",
         type=_positive_int,
+    )
+    option(
+        "--max-batch-texts",
+        defaults.max_batch_texts,
+        "most texts in one EmbedTexts request",
+        type=_positive_int,
+    )
+    option(
+        "--max-text-bytes",
+        defaults.max_text_bytes,
+        "largest text in UTF-8 bytes, refused whole even where it would be truncated",
+        type=_positive_int,
+    )
+    option(
+        "--max-classify-labels",
+        defaults.max_classify_labels,
+        "most labels in one Classify request",
+        type=_positive_int,
+    )
+    option(
+        "--label-cache-size",
+        defaults.label_cache_size,
+        "text vectors of Classify labels kept per model, least recently used dropped first "
+        "(0: none)",
+        type=_non_negative_int,
     )
     option(
         "--max-message-bytes",
@@ -518,6 +555,10 @@ def parse_settings(
         max_batch_size=args.max_batch_size,
         max_batch_delay_ms=args.max_batch_delay_ms,
         max_batch_images=args.max_batch_images,
+        max_batch_texts=args.max_batch_texts,
+        max_text_bytes=args.max_text_bytes,
+        max_classify_labels=args.max_classify_labels,
+        label_cache_size=args.label_cache_size,
         max_queue_size=args.max_queue_size,
         memory_limit=args.memory_limit,
         memory_budget=args.memory_budget,

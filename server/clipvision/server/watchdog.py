@@ -47,10 +47,10 @@ class DeviceWatchdog:
             await asyncio.sleep(interval)
             now = time.monotonic()
             stuck = [
-                (model.encoder.name, now - model.batcher.busy_since)
+                (f"{model.name} ({batcher.modality}s)", now - batcher.busy_since)
                 for model in self._registry.served()
-                if model.batcher.busy_since is not None
-                and now - model.batcher.busy_since > self._timeout_s
+                for batcher in model.batchers()
+                if batcher.busy_since is not None and now - batcher.busy_since > self._timeout_s
             ]
             if stuck and not self.stalled:
                 self.stalled = True

@@ -1,0 +1,148 @@
+"""Calls with many items: ordered streams (images and texts alike) and all-or-none batches.
+
+``answer_in_order`` is the one implementation of a bidirectional embedding stream:
+one answer per request, in request order, a bounded window of items in flight,
+backpressure by reading more slowly, and a drain that answers what was admitted
+before it ends the stream with UNAVAILABLE (SERVER_DRAINING).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol, TypeVar
+
+from clipvision.server.errors import Reason, ServiceUnavailableError
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+T = TypeVar("T")
+
+
+class Drain(Protocol):
+    """The server's drain state (models.ModelRegistry)."""
+
+    @property
+    def draining(self) -> bool:
+        """Whether the server has started to drain."""
+
+    async def wait_draining(self) -> None:
+        """Return once the server starts to drain."""
+
+
+class _Drained:
+    """Put in a stream's queue when the server starts draining, to wake its writer."""
+
+
+_DRAINED = _Drained()
+
+
+def stream_drained() -> ServiceUnavailableError:
+    """The status a draining server ends a stream with."""
+    return ServiceUnavailableError(
+        Reason.SERVER_DRAINING,
+        "The server is shutting down; every request answered so far stands, send the rest to "
+        "another replica.",
+    )
+
+
+async def answer_in_order(
+    requests: AsyncIterator[Request],
+    start: Callable[
+        [Request], Awaitable[tuple[asyncio.Future[Response], asyncio.Future[None] | None]]
+    ],
+    *,
+    window: int,
+    drain: Drain,
+) -> AsyncIterator[Response]:
+    """Answer each request with the result of the task ``start`` makes for it, in order.
+
+    ``start`` returns once the item may start (waiting there is the stream's
+    backpressure for capacity), with its task and optionally a future the reader
+    also waits for before it reads on (backpressure for memory). At most
+    ``window`` items are in flight. When the server drains the reader stops, every
+    admitted item is answered, then the stream ends with UNAVAILABLE.
+    """
+    loop = asyncio.get_running_loop()
+    # Full queue = the reader waits = the server stops reading = HTTP/2 flow control
+    # pushes back on the client. That is the stream's backpressure.
+    pending: asyncio.Queue[asyncio.Future[Response] | _Drained | None] = asyncio.Queue(
+        maxsize=window
+    )
+
+    async def read() -> None:
+        try:
+            async for request in requests:
+                if drain.draining:
+                    # Unanswered, so the client sends it elsewhere. No end marker: the
+                    # writer must end with UNAVAILABLE, not as if the client were done.
+                    return
+                task, admitted = await start(request)
+                try:
+                    await pending.put(task)
+                except asyncio.CancelledError:
+                    task.cancel()  # never answered, so it must not be computed
+                    raise
+                if admitted is not None:
+                    await admitted
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            await pending.put(None)  # the writer answers what is admitted, then re-raises
+            raise
+        await pending.put(None)
+
+    reader = loop.create_task(read(), name="stream-reader")
+    drained = False
+
+    async def watch_drain() -> None:
+        # Stop reading, and wake the writer if it waits on an empty queue; when the
+        # queue is not empty the writer sees `drained` before it waits again.
+        nonlocal drained
+        await drain.wait_draining()
+        drained = True
+        reader.cancel()
+        with contextlib.suppress(asyncio.QueueFull):
+            pending.put_nowait(_DRAINED)
+
+    watcher = loop.create_task(watch_drain(), name="stream-drain")
+    try:
+        while True:
+            if drained and pending.empty():
+                # Everything admitted is answered: send the client to another replica.
+                raise stream_drained()
+            task = await pending.get()
+            if task is None:
+                break  # the client is done (a drain changes nothing then)
+            if isinstance(task, _Drained):
+                continue
+            yield await task
+        await reader  # re-raises a read failure
+    finally:
+        reader.cancel()
+        watcher.cancel()
+        while not pending.empty():
+            leftover = pending.get_nowait()
+            if isinstance(leftover, asyncio.Future):
+                leftover.cancel()
+
+
+def answered(response: T) -> asyncio.Future[T]:
+    """A future already holding ``response``: an item answered without any work."""
+    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    future.set_result(response)
+    return future
+
+
+async def all_or_none(awaitables: list[Awaitable[T]]) -> list[T]:
+    """Await every item; if one raises, cancel the rest and raise that."""
+    tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        # Collected, so that a second failure is not reported as never retrieved.
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
