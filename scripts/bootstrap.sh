@@ -13,9 +13,34 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
 
+# The stamp has one line per install: its extras and pyproject.toml's hash. An install
+# with every extra asked for satisfies the request, so scripts/serve ("server") after
+# scripts/test ("server,dev") installs nothing.
 stamp="$VENV/.clipvision-installed"
-want="$EXTRAS $(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
-if [ ! -f "$stamp" ] || ! grep -qxF "$want" "$stamp"; then
+if command -v sha256sum >/dev/null; then
+    sum="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+else  # macOS
+    sum="$(shasum -a 256 "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+fi
+want="$EXTRAS $sum"
+
+_clipvision_installed() {
+    local extras hash extra
+    [ -f "$stamp" ] || return 1
+    while read -r extras hash; do
+        [ "$hash" = "$sum" ] || continue
+        for extra in ${EXTRAS//,/ }; do
+            case ",$extras," in
+                *",$extra,"*) ;;
+                *) continue 2 ;;
+            esac
+        done
+        return 0
+    done <"$stamp"
+    return 1
+}
+
+if ! _clipvision_installed; then
     echo "bootstrap: installing clipvision[$EXTRAS] into $VENV" >&2
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
     # torch first and pinned, so no resolver is tempted by another build of it.

@@ -9,7 +9,6 @@ import sys
 from collections.abc import Sequence
 
 from clipvision.server.logs import configure_logging
-from clipvision.server.settings import parse_settings
 
 
 def raise_file_limit() -> int:
@@ -30,8 +29,24 @@ def raise_file_limit() -> int:
     return soft
 
 
+def missing_server_extra(command: str, error: ModuleNotFoundError) -> int:
+    """Say in one line which extra to install, for a client-only install; returns status 1."""
+    if error.name is None or error.name.partition(".")[0] == "clipvision":
+        raise error  # our own module missing is a bug, not a missing extra
+    print(
+        f"{command}: the server's dependencies are not installed (no module {error.name!r}); "
+        "install the server extra: pip install './[server]' in the repository (or scripts/serve)",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags and environment, configure logging, serve until signalled."""
+    try:
+        from clipvision.server.settings import parse_settings
+    except ModuleNotFoundError as error:
+        return missing_server_extra("clipvision-server", error)
     settings = parse_settings(argv)
     configure_logging(settings.log_level, settings.log_format)
     files = raise_file_limit()
@@ -43,7 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             files,
         )
     # Import after logging is set up: torch and transformers are slow to import.
-    from clipvision.server.app import serve
+    try:
+        from clipvision.server.app import serve
+    except ModuleNotFoundError as error:
+        return missing_server_extra("clipvision-server", error)
 
     return asyncio.run(serve(settings))
 

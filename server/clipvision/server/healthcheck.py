@@ -13,7 +13,6 @@ import sys
 from collections.abc import Sequence
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 def probe_target(address: str) -> str:
@@ -26,6 +25,12 @@ def probe_target(address: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Probe once and report; see the module docstring for the exit status."""
+    try:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+    except ModuleNotFoundError as error:
+        from clipvision.server.cli import missing_server_extra
+
+        return missing_server_extra("clipvision-healthcheck", error)
     parser = argparse.ArgumentParser(
         prog="clipvision-healthcheck", description="Exit 0 if the clipvision server is SERVING."
     )

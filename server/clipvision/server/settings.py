@@ -187,6 +187,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
             "NAME is what requests use; a preset as NAME checks the checkpoint has that "
             f"architecture [env CLIPVISION_MODEL, comma-separated] (default: {DEFAULT_MODEL}, "
             f"which downloads {PRESETS[DEFAULT_MODEL].hub_id})"
+            # Prints nothing, but its presence stops ArgumentDefaultsHelpFormatter from
+            # appending "(default: None)": None only means "no --model given".
+            "%(default).0s"
         ),
     )
     option("--address", defaults.address, "HOST:PORT to listen on; port 0 picks a free one")
