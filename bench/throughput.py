@@ -3,6 +3,7 @@
     .venv/bin/python bench/throughput.py                      # ViT-B/32, fp32, this machine
     .venv/bin/python bench/throughput.py --quick              # a shorter smoke run
     .venv/bin/python bench/throughput.py --model ViT-L/14 --dtype float16   # on a GPU
+    .venv/bin/python bench/throughput.py --backends torch,auto --neighbour  # a busy core beside
 
 Every number is measured in this run, with the full-size architecture and dummy
 (random) weights: the same FLOPs as the real checkpoint. Images are real
@@ -14,7 +15,13 @@ photographs (tests/data) resized to typical photo sizes and saved as JPEG.
 3. the server under concurrent unary load and through one EmbedImageStream;
 4. each server figure as a ratio of the ceiling.
 
-It prints a table and writes JSON (--out).
+With several ``--backends`` (default: torch and auto, that is ONNX Runtime on a
+CPU where installed), every step runs for each backend in turn, scenario by
+scenario, so that both see the same machine state; the comparison gives each
+backend's figures as ratios of torch's. ``--neighbour`` runs a busy process
+pinned to one core throughout, as a noisy neighbour on a shared machine would.
+
+It prints a table per backend, one side by side, and writes JSON (--out).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import asyncio
 import contextlib
 import io
 import json
+import multiprocessing
 import os
 import platform
 import re
@@ -35,7 +43,7 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -44,14 +52,16 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from clipvision.server.checkpoint import load_checkpoint, resolve_device, resolve_dtype
+from clipvision.server.cpu import available_cpus, cpu_budget
 from clipvision.server.encoder import ClipImageEncoder
+from clipvision.server.image_backend import prepare_image_runner
 from clipvision.server.preprocess import ImageLimits
 from clipvision.server.settings import ModelSpec
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
-    from clipvision.v1.embedding_service_pb2_grpc import EmbeddingServiceAsyncStub as Stub
+    from clipvision.v1.embedding_service_pb2_grpc import EmbeddingServiceAsyncStub as AsyncStub
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ROOT / "tests" / "data"
@@ -104,7 +114,8 @@ def percentile(values: list[float], q: float) -> float:
 # -- in-process ceiling --------------------------------------------------------
 
 
-def build_encoder(args: argparse.Namespace) -> ClipImageEncoder:
+def build_encoder(args: argparse.Namespace, backend: str = "torch") -> ClipImageEncoder:
+    """The in-process encoder, with the backend the server would pick for ``backend``."""
     device = resolve_device(args.device)
     checkpoint = load_checkpoint(
         ModelSpec.parse(args.model),
@@ -112,7 +123,22 @@ def build_encoder(args: argparse.Namespace) -> ClipImageEncoder:
         dtype=resolve_dtype(args.dtype, device),
         dummy_weights=True,
     )
-    return ClipImageEncoder(args.model, args.model, checkpoint, ImageLimits())
+    runner = prepare_image_runner(
+        args.model,
+        checkpoint,
+        backend=backend,
+        threads=getattr(args, "threads", None),
+        cache_dir=None,
+    )
+    return ClipImageEncoder(args.model, args.model, checkpoint, ImageLimits(), runner)
+
+
+def busy_core() -> None:
+    """A noisy neighbour: one process spinning on core 0 (the first CPU it may use)."""
+    core = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})
+    while True:
+        pass
 
 
 def ceiling(
@@ -204,6 +230,7 @@ class ServerProcess:
             *flags,
         ]
         self.process: asyncio.subprocess.Process | None = None
+        self.startup_log: list[str] = []
         self.port = 0
         self.metrics_port = 0
         self.pid = 0
@@ -217,6 +244,7 @@ class ServerProcess:
         async with asyncio.timeout(600):
             while not (self.port and self.metrics_port):
                 line = (await self.process.stderr.readline()).decode()
+                self.startup_log.append(line)
                 if not line:
                     raise RuntimeError("the server exited during start-up")
                 if match := re.search(r"listening on [\d.]+:(\d+)", line):
@@ -225,10 +253,17 @@ class ServerProcess:
                     self.metrics_port = int(match.group(1))
             while "serving" not in line:
                 line = (await self.process.stderr.readline()).decode()
+                self.startup_log.append(line)
                 if not line:
                     raise RuntimeError("the server exited while loading")
         asyncio.get_running_loop().create_task(self._drain_log())
         return self
+
+    @property
+    def image_backend(self) -> str:
+        """The image tower's runtime, as the server's start-up log names it."""
+        log = "".join(self.startup_log)
+        return "onnxruntime" if "image tower on ONNX Runtime" in log else "torch"
 
     async def _drain_log(self) -> None:
         assert self.process is not None
@@ -257,9 +292,15 @@ class ServerProcess:
         return total, count
 
 
-def server_flags(args: argparse.Namespace, max_batch_size: int) -> list[str]:
-    """The server's flags for this run's model, device and batch size."""
+def server_flags(
+    args: argparse.Namespace, max_batch_size: int, backend: str | None = None
+) -> list[str]:
+    """The server's flags for this run's model, device, batch size and backend."""
+    extra = ["--backend", backend] if backend else []
+    if getattr(args, "threads", None):
+        extra += ["--threads", str(args.threads)]
     return [
+        *extra,
         "--model",
         args.model,
         "--device",
@@ -284,7 +325,7 @@ async def unary_load(
     # processes would have: the server caps unary calls per connection (64).
     connections = -(-callers // CALLERS_PER_CONNECTION)
     async with contextlib.AsyncExitStack() as stack:
-        stubs: list[Stub] = [
+        stubs = [
             pb_grpc.EmbeddingServiceStub(
                 await stack.enter_async_context(
                     grpc.aio.insecure_channel(
@@ -303,7 +344,7 @@ async def unary_load(
         started = time.perf_counter()
         deadline = started + seconds
 
-        async def caller(stub: Stub) -> None:
+        async def caller(stub: AsyncStub) -> None:
             while time.perf_counter() < deadline:
                 request = pb.EmbedImageRequest(image=pb.Image(content=next(source)))
                 sent = time.perf_counter()
@@ -362,46 +403,11 @@ async def stream_load(
 # -- the run -------------------------------------------------------------------
 
 
-async def run(args: argparse.Namespace) -> dict[str, object]:
-    images = make_jpegs()
-    workers = args.preprocess_workers
-    seconds = args.seconds
-    print(f"{len(images)} JPEGs ({', '.join(f'{w}x{h}' for w, h in SIZES)}); {workers} workers")
-
-    encoder = build_encoder(args)
-    encoder.warm_up((1, 8))
-    results: list[Scenario] = []
-    best_rate, best_batch = 0.0, 0
-    for batch_size in args.ceiling_batches:
-        rate = ceiling(encoder, images, batch_size, seconds, workers)
-        print(f"ceiling at batch {batch_size}: {rate:.2f} images/s")
-        if rate > best_rate:
-            best_rate, best_batch = rate, batch_size
-    device, dtype = str(encoder.checkpoint.device), str(encoder.checkpoint.dtype)
-    results.append(
-        Scenario("ceiling (in-process)", best_rate, mean_batch=float(best_batch), ratio=1.0)
-    )
-
-    async with ServerProcess(*server_flags(args, max_batch_size=1)) as naive:
-        results.append(await unary_load(naive, images, 32, seconds, "naive, batch 1, 32 callers"))
-    async with ServerProcess(*server_flags(args, max_batch_size=best_batch)) as server:
-        for callers in args.callers:
-            name = f"unary, {callers} caller{'s' if callers > 1 else ''}"
-            results.append(await unary_load(server, images, callers, seconds, name))
-            print(f"{name}: {results[-1].images_per_s:.2f} images/s")
-        results.append(await stream_load(server, images, seconds, "one EmbedImageStream"))
-        latency = await interleaved_latency(server, encoder, images, 16 if args.quick else 48)
-    print(
-        f"one image, interleaved: in-process {latency['in_process_ms']:.1f} ms, "
-        f"server {latency['server_ms']:.1f} ms, of which outside the model's stages "
-        f"{latency['server_overhead_ms']:.1f} ms"
-    )
-
-    for scenario in results:
-        scenario.ratio = scenario.images_per_s / best_rate
-    by_name = {s.name: s for s in results}
+def backend_checks(scenarios: list[Scenario], latency: dict[str, float]) -> dict[str, float | None]:
+    """The server's targets against its own backend's ceiling."""
+    by_name = {s.name: s for s in scenarios}
     thirty_two = by_name.get("unary, 32 callers")
-    checks = {
+    return {
         "stream / ceiling >= 0.9": by_name["one EmbedImageStream"].ratio,
         "32 callers / ceiling >= 0.9": thirty_two.ratio if thirty_two else None,
         "32 callers / naive >= 1.5": (
@@ -411,30 +417,135 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         ),
         "1 caller p50 - single image ms <= 5": latency["server_ms"] - latency["in_process_ms"],
     }
+
+
+def comparison_checks(
+    baseline: dict[str, Any], other: dict[str, Any], name: str
+) -> dict[str, float | None]:
+    """Issue 14's targets: ``name``'s server against torch's in-process ceiling and p50."""
+    torch_ceiling = baseline["scenarios"][0]["images_per_s"]
+    torch_rows = {s["name"]: s for s in baseline["scenarios"]}
+    rows = {s["name"]: s for s in other["scenarios"]}
+
+    def over_ceiling(row: str) -> float | None:
+        return rows[row]["images_per_s"] / torch_ceiling if row in rows else None
+
+    one, torch_one = rows.get("unary, 1 caller"), torch_rows.get("unary, 1 caller")
+    return {
+        f"{name} stream / torch ceiling >= 1.15": over_ceiling("one EmbedImageStream"),
+        f"{name} 32 callers / torch ceiling >= 1.15": over_ceiling("unary, 32 callers"),
+        f"{name} 1 caller p50 / torch's <= 0.75": (
+            one["p50_ms"] / torch_one["p50_ms"] if one and torch_one else None
+        ),
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    images = make_jpegs()
+    workers = args.preprocess_workers
+    seconds = args.seconds
+    backends: list[str] = args.backends
+    # Other processes on a shared machine move every figure: the load says how busy it was.
+    load_before = os.getloadavg()[0]
+    print(f"{len(images)} JPEGs ({', '.join(f'{w}x{h}' for w, h in SIZES)}); {workers} workers")
+
+    encoders = {backend: build_encoder(args, backend) for backend in backends}
+    for encoder in encoders.values():
+        encoder.warm_up((1, 8))
+    served_by = {backend: encoder.backend for backend, encoder in encoders.items()}
+    print("in-process backends: " + ", ".join(f"{b} -> {e}" for b, e in served_by.items()))
+
+    # Every step runs for each backend in turn, so that they see the same machine state.
+    best = {backend: (0.0, 0) for backend in backends}
+    for batch_size in args.ceiling_batches:
+        for backend, encoder in encoders.items():
+            rate = ceiling(encoder, images, batch_size, seconds, workers)
+            print(f"{backend}: ceiling at batch {batch_size}: {rate:.2f} images/s")
+            if rate > best[backend][0]:
+                best[backend] = (rate, batch_size)
+    results: dict[str, list[Scenario]] = {
+        backend: [
+            Scenario("ceiling (in-process)", best[backend][0], mean_batch=float(best[backend][1]))
+        ]
+        for backend in backends
+    }
+    for backend in backends:
+        async with ServerProcess(*server_flags(args, 1, backend)) as naive:
+            scenario = await unary_load(naive, images, 32, seconds, "naive, batch 1, 32 callers")
+            results[backend].append(scenario)
+    latency: dict[str, dict[str, float]] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        servers = {
+            backend: await stack.enter_async_context(
+                ServerProcess(*server_flags(args, best[backend][1], backend))
+            )
+            for backend in backends
+        }
+        for callers in args.callers:
+            name = f"unary, {callers} caller{'s' if callers > 1 else ''}"
+            for backend, server in servers.items():
+                results[backend].append(await unary_load(server, images, callers, seconds, name))
+                print(f"{backend}: {name}: {results[backend][-1].images_per_s:.2f} images/s")
+        for backend, server in servers.items():
+            results[backend].append(
+                await stream_load(server, images, seconds, "one EmbedImageStream")
+            )
+        for backend, server in servers.items():
+            latency[backend] = await interleaved_latency(
+                server, encoders[backend], images, 16 if args.quick else 48
+            )
+            print(
+                f"{backend}: one image, interleaved: in-process "
+                f"{latency[backend]['in_process_ms']:.1f} ms, server "
+                f"{latency[backend]['server_ms']:.1f} ms, of which outside the model's stages "
+                f"{latency[backend]['server_overhead_ms']:.1f} ms"
+            )
+        server_backend = {backend: server.image_backend for backend, server in servers.items()}
+
+    reports: dict[str, dict[str, Any]] = {}
+    for backend in backends:
+        rate = best[backend][0]
+        for scenario in results[backend]:
+            scenario.ratio = scenario.images_per_s / rate
+        reports[backend] = {
+            "served_by": server_backend[backend],
+            "best_batch_size": best[backend][1],
+            "scenarios": [asdict(s) for s in results[backend]],
+            "one_image_latency_ms": latency[backend],
+            "checks": backend_checks(results[backend], latency[backend]),
+        }
+    first = reports[backends[0]]
+    comparison: dict[str, float | None] = {}
+    if "torch" in reports:
+        for backend in backends:
+            if backend != "torch":
+                comparison.update(comparison_checks(reports["torch"], reports[backend], backend))
+    encoder = encoders[backends[0]]
+    device, dtype = str(encoder.checkpoint.device), str(encoder.checkpoint.dtype)
     return {
         "model": args.model,
         "device": device,
         "dtype": dtype.removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
         "cores": os.cpu_count(),
+        "cpu_budget": cpu_budget().describe(),
         "preprocess_workers": workers,
         "machine": platform.processor() or platform.machine(),
         "seconds_per_scenario": seconds,
-        "best_batch_size": best_batch,
-        "scenarios": [asdict(s) for s in results],
-        "one_image_latency_ms": latency,
-        "checks": checks,
+        "neighbour": args.neighbour,
+        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
+        # The first backend's figures, where single-backend runs have always put them.
+        **first,
+        "backends": reports,
+        "comparison": comparison,
     }
 
 
-def print_table(report: dict[str, object]) -> None:
-    print(
-        f"\n{report['model']} {report['dtype']} on {report['device']} "
-        f"({report['cores']} cores, torch threads {report['torch_threads']})"
-    )
+def print_backend(report: dict[str, Any], title: str) -> None:
+    print(f"\n{title}")
     print(f"| {'scenario':<30} | images/s | p50 ms | p99 ms | mean batch | / ceiling |")
     print(f"| {'-' * 30} | -------: | -----: | -----: | ---------: | --------: |")
-    for s in report["scenarios"]:  # type: ignore[attr-defined]
+    for s in report["scenarios"]:
         p50 = f"{s['p50_ms']:.1f}" if s["p50_ms"] is not None else "-"
         p99 = f"{s['p99_ms']:.1f}" if s["p99_ms"] is not None else "-"
         batch = f"{s['mean_batch']:.1f}" if s["mean_batch"] is not None else "-"
@@ -445,10 +556,47 @@ def print_table(report: dict[str, object]) -> None:
     latency = report["one_image_latency_ms"]
     print(
         f"\none image at a time, interleaved: in-process (decode + preprocess + forward) "
-        f"{latency['in_process_ms']:.1f} ms, through the server {latency['server_ms']:.1f} ms "  # type: ignore[index]
-        f"(server time outside its measured stages: {latency['server_overhead_ms']:.1f} ms)"  # type: ignore[index]
+        f"{latency['in_process_ms']:.1f} ms, through the server {latency['server_ms']:.1f} ms "
+        f"(server time outside its measured stages: {latency['server_overhead_ms']:.1f} ms)"
     )
-    for check, value in report["checks"].items():  # type: ignore[attr-defined]
+    for check, value in report["checks"].items():
+        print(f"{check}: {'n/a' if value is None else f'{value:.2f}'}")
+
+
+def print_table(report: dict[str, Any]) -> None:
+    heading = (
+        f"{report['model']} {report['dtype']} on {report['device']} "
+        f"({report['cores']} cores, CPUs {report['cpu_budget']}, torch threads "
+        f"{report['torch_threads']}{', busy neighbour on one core' if report['neighbour'] else ''}"
+        f"; load average {report['load_average_1min']['before']:.1f} before, "
+        f"{report['load_average_1min']['after']:.1f} after)"
+    )
+    backends: dict[str, dict[str, Any]] = report["backends"]
+    for name, backend in backends.items():
+        print_backend(backend, f"{heading}: --backend {name} (served by {backend['served_by']})")
+    if len(backends) < 2:
+        return
+    names = list(backends)
+    base = names[0]
+    print(f"\nside by side (ratios: each backend's images/s over {base}'s in the same row)")
+    header = f"| {'scenario':<30} |" + "".join(
+        f" {name} images/s | {name} p50 ms |" for name in names
+    )
+    print(header + "".join(f" {name} / {base} |" for name in names[1:]))
+    print("| " + "-" * 30 + " |" + " ---: | ---: |" * len(names) + " ---: |" * (len(names) - 1))
+    rows = [s["name"] for s in backends[base]["scenarios"]]
+    for row in rows:
+        cells = {
+            name: next(s for s in backends[name]["scenarios"] if s["name"] == row) for name in names
+        }
+        line = f"| {row:<30} |"
+        for name in names:
+            p50 = cells[name]["p50_ms"]
+            line += f" {cells[name]['images_per_s']:.2f} | {'-' if p50 is None else f'{p50:.1f}'} |"
+        for name in names[1:]:
+            line += f" {cells[name]['images_per_s'] / cells[base]['images_per_s']:.2f} |"
+        print(line)
+    for check, value in report["comparison"].items():
         print(f"{check}: {'n/a' if value is None else f'{value:.2f}'}")
 
 
@@ -457,6 +605,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="ViT-B/32", help="a preset: ViT-B/32 or ViT-L/14")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument(
+        "--backends",
+        type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+        default=["torch", "auto"],
+        help="the servers' --backend values, measured side by side (auto on a GPU is torch, "
+        "so there only the first runs)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="forward-pass threads (default: the server's)"
+    )
     parser.add_argument("--seconds", type=float, default=12.0, help="per scenario")
     parser.add_argument(
         "--callers", type=lambda t: [int(x) for x in t.split(",")], default=[1, 8, 32, 128]
@@ -467,8 +625,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--preprocess-workers",
         type=int,
-        default=os.cpu_count() or 1,
-        help="decode threads, in-process and in the server (the server's default: cores)",
+        default=available_cpus(),
+        help="decode threads, in-process and in the server (the server's default: the CPUs "
+        "this process may use)",
+    )
+    parser.add_argument(
+        "--neighbour",
+        action="store_true",
+        help="run a busy process on one core throughout (a noisy neighbour)",
     )
     parser.add_argument("--quick", action="store_true", help="3 s per scenario, fewer batches")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "throughput.json")
@@ -476,7 +640,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.seconds = 3.0
         args.ceiling_batches = args.ceiling_batches[:2]
-    report = asyncio.run(run(args))
+    if resolve_device(args.device).type != "cpu" and len(args.backends) > 1:
+        print(f"not on a CPU: only --backend {args.backends[0]} runs (auto is torch here)")
+        args.backends = args.backends[:1]
+    neighbour = None
+    if args.neighbour:
+        neighbour = multiprocessing.get_context("spawn").Process(target=busy_core, daemon=True)
+        neighbour.start()
+    try:
+        report = asyncio.run(run(args))
+    finally:
+        if neighbour is not None:
+            neighbour.terminate()
+            neighbour.join()
     print_table(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

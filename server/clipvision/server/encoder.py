@@ -7,6 +7,8 @@ every request without a lock: it runs in inference mode and mutates nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -31,11 +33,21 @@ FloatArray = npt.NDArray[np.float32]
 class ClipImageEncoder:
     """The three stages of embedding an image with one loaded checkpoint."""
 
-    def __init__(self, name: str, source: str, checkpoint: Checkpoint, limits: ImageLimits) -> None:
+    def __init__(
+        self,
+        name: str,
+        source: str,
+        checkpoint: Checkpoint,
+        limits: ImageLimits,
+        runner: Callable[[UInt8Array], FloatArray] | None = None,
+    ) -> None:
         self.name = name
         self.source = source
         self.checkpoint = checkpoint
         self.limits = limits
+        # Another runtime's forward pass (ONNX Runtime, see image_backend), or None for torch.
+        self.runner = runner
+        self.backend = "torch" if runner is None else "onnxruntime"
         self.preprocessor = ClipPreprocessor(checkpoint.preprocess)
         # Rescale and normalise happen on the device, by table lookup, so that only
         # uint8 pixels cross the host-device link; the table holds the exact float32
@@ -67,6 +79,9 @@ class ClipImageEncoder:
     def forward(self, pixels: UInt8Array) -> torch.Tensor:
         """Run the tower and projection on an (N, 3, H, W) uint8 batch; output stays on device."""
         checkpoint = self.checkpoint
+        if self.runner is not None:
+            # uint8 in, features out on the host; to_host's copy is then a no-op.
+            return torch.from_numpy(self.runner(pixels))
         # inference_mode is per thread, so it is entered here, inside the worker.
         with torch.inference_mode():
             batch = torch.from_numpy(pixels)

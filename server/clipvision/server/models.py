@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from concurrent.futures import Executor
@@ -22,6 +23,7 @@ from clipvision.server.errors import (
     Reason,
     ServiceUnavailableError,
 )
+from clipvision.server.image_backend import prepare_image_runner
 from clipvision.server.label_cache import LabelCache
 from clipvision.server.memory import default_budget, default_limit, resident_bytes
 from clipvision.server.preprocess import UInt8Array
@@ -202,8 +204,21 @@ class ModelRegistry:
         checkpoint: Checkpoint = await loop.run_in_executor(
             self._executor, self._load_checkpoint, slot.spec
         )
+        # On the device thread: it sets that thread's torch threads, and exports and checks
+        # ONNX Runtime's graph where that backend is chosen (None: torch serves).
+        runner = await loop.run_in_executor(
+            self._executor,
+            functools.partial(
+                prepare_image_runner,
+                slot.spec.name,
+                checkpoint,
+                backend=settings.backend,
+                threads=settings.threads,
+                cache_dir=settings.onnx_cache_dir,
+            ),
+        )
         encoder = ClipImageEncoder(
-            slot.spec.name, slot.spec.source, checkpoint, settings.image_limits
+            slot.spec.name, slot.spec.source, checkpoint, settings.image_limits, runner
         )
         await loop.run_in_executor(self._executor, encoder.warm_up, (1, settings.max_batch_size))
         batcher = MicroBatcher(

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clipvision.server.cpu import available_cpus
 from clipvision.server.fetch import FetchPolicy
 from clipvision.server.memory import BUDGET_FRACTION, byte_size
 from clipvision.server.preprocess import ImageLimits
@@ -66,6 +67,12 @@ class Settings:
     metrics_address: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    # The image tower's runtime: auto (ONNX Runtime for float32 on the CPU where installed).
+    backend: str = "auto"
+    # Intra-op threads of the forward pass; None: the CPUs the process may use (cgroup, affinity).
+    threads: int | None = None
+    # Where exported ONNX models are cached; None: ~/.cache/clipvision/onnx (XDG_CACHE_HOME).
+    onnx_cache_dir: str | None = None
     dummy_weights: bool = False
     lazy_load: bool = False
     cache_dir: str | None = None
@@ -98,7 +105,8 @@ class Settings:
     max_http2_streams: int = 100
     reuse_port: bool = False
     watchdog_timeout_s: float = 60.0
-    preprocess_workers: int = max(1, os.cpu_count() or 1)
+    # The CPUs the process may use (cgroup quota, affinity), not the host's core count.
+    preprocess_workers: int = available_cpus()
     grace_period_s: float = 10.0
     keepalive_time_s: float = 60.0
     keepalive_timeout_s: float = 20.0
@@ -205,6 +213,28 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "auto (float16 on CUDA, float32 elsewhere), float32, float16 or bfloat16",
         choices=["auto", "float32", "float16", "bfloat16"],
     )
+    option(
+        "--backend",
+        defaults.backend,
+        "runtime of the image tower: auto (ONNX Runtime for float32 on the CPU where it is "
+        "installed, else torch), torch or onnxruntime; ONNX Runtime serves only after "
+        "its start-up check against torch (max abs difference 1e-4)",
+        choices=["auto", "torch", "onnxruntime"],
+    )
+    option(
+        "--threads",
+        defaults.threads,
+        "intra-op threads of the forward pass, torch's and ONNX Runtime's (default: the CPUs "
+        "this process may use: its affinity, capped by the cgroup CPU quota, and by torch's "
+        "own default)",
+        type=_positive_int,
+    )
+    option(
+        "--onnx-cache-dir",
+        defaults.onnx_cache_dir,
+        "where ONNX exports are kept, one per checkpoint content and exporter version "
+        "(default: $XDG_CACHE_HOME/clipvision/onnx, else ~/.cache/clipvision/onnx)",
+    )
     parser.add_argument(
         "--dummy-weights",
         action="store_true",
@@ -239,6 +269,31 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         type=_positive_int,
     )
     option(
+        "--max-batch-texts",
+        defaults.max_batch_texts,
+        "most texts in one EmbedTexts request",
+        type=_positive_int,
+    )
+    option(
+        "--max-text-bytes",
+        defaults.max_text_bytes,
+        "largest text in UTF-8 bytes, refused whole even where it would be truncated",
+        type=_positive_int,
+    )
+    option(
+        "--max-classify-labels",
+        defaults.max_classify_labels,
+        "most labels in one Classify request",
+        type=_positive_int,
+    )
+    option(
+        "--label-cache-size",
+        defaults.label_cache_size,
+        "text vectors of Classify labels kept per model, least recently used dropped first "
+        "(0: none)",
+        type=_non_negative_int,
+    )
+    option(
         "--max-queue-size",
         defaults.max_queue_size,
         "images per model admitted and not yet answered (and texts, apart, at least "
@@ -267,31 +322,6 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         defaults.stream_window,
         "images one EmbedImageStream may have in flight before the server stops reading",
         type=_positive_int,
-    )
-    option(
-        "--max-batch-texts",
-        defaults.max_batch_texts,
-        "most texts in one EmbedTexts request",
-        type=_positive_int,
-    )
-    option(
-        "--max-text-bytes",
-        defaults.max_text_bytes,
-        "largest text in UTF-8 bytes, refused whole even where it would be truncated",
-        type=_positive_int,
-    )
-    option(
-        "--max-classify-labels",
-        defaults.max_classify_labels,
-        "most labels in one Classify request",
-        type=_positive_int,
-    )
-    option(
-        "--label-cache-size",
-        defaults.label_cache_size,
-        "text vectors of Classify labels kept per model, least recently used dropped first "
-        "(0: none)",
-        type=_non_negative_int,
     )
     option(
         "--max-message-bytes",
@@ -440,7 +470,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     option(
         "--preprocess-workers",
         defaults.preprocess_workers,
-        "threads that decode and preprocess images",
+        "threads that decode and preprocess images (default: the CPUs this process may use)",
         type=_positive_int,
     )
     option(
@@ -552,6 +582,9 @@ def parse_settings(
         metrics_address=args.metrics_address,
         device=args.device,
         dtype=args.dtype,
+        backend=args.backend,
+        threads=args.threads,
+        onnx_cache_dir=args.onnx_cache_dir,
         dummy_weights=args.dummy_weights,
         lazy_load=args.lazy,
         cache_dir=args.cache_dir,

@@ -1,0 +1,120 @@
+"""Which runtime runs the image tower (torch or ONNX Runtime), with how many threads, and why.
+
+``auto`` picks ONNX Runtime for float32 on the CPU where it is installed (measured
+faster there: docs/PERFORMANCE.md) and torch elsewhere; a GPU stays on torch.
+ONNX Runtime serves only after its start-up check against torch passes; if the
+export or the check fails, torch serves and the log says why.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from clipvision.server.checkpoint import Checkpoint
+from clipvision.server.cpu import cpu_budget
+from clipvision.server.encoder import FloatArray
+from clipvision.server.errors import CheckpointError
+from clipvision.server.onnx_backend import (
+    OnnxBackendError,
+    build_onnx_runner,
+    default_cache_dir,
+    missing_modules,
+)
+from clipvision.server.preprocess import UInt8Array
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "onnxruntime")
+
+ImageRunner = Callable[[UInt8Array], FloatArray]
+
+
+def choose_backend(requested: str, checkpoint: Checkpoint) -> tuple[str, str]:
+    """The backend to try for this checkpoint, and the reason, for the log.
+
+    An explicit ``onnxruntime`` that cannot work here is a CheckpointError: the
+    operator asked for something this process cannot do.
+    """
+    if requested not in BACKENDS:
+        raise CheckpointError(f"--backend {requested!r} is not one of {', '.join(BACKENDS)}")
+    device, dtype = checkpoint.device, checkpoint.dtype
+    missing = missing_modules()
+    if requested == "torch":
+        return "torch", "--backend torch"
+    if requested == "onnxruntime":
+        if device.type != "cpu" or dtype != torch.float32:
+            raise CheckpointError(
+                f"--backend onnxruntime runs float32 on the CPU; this model is "
+                f"{str(dtype).removeprefix('torch.')} on {device} (use --backend torch or auto)"
+            )
+        if missing:
+            raise CheckpointError(
+                f"--backend onnxruntime needs {', '.join(missing)}: install the onnx extra "
+                "(pip install 'clipvision[onnx]')"
+            )
+        return "onnxruntime", "--backend onnxruntime"
+    if device.type != "cpu":
+        return "torch", f"auto: {device.type} stays on torch"
+    if dtype != torch.float32:
+        return "torch", f"auto: {str(dtype).removeprefix('torch.')} stays on torch"
+    if missing:
+        return "torch", f"auto: ONNX Runtime is not installed (no {', '.join(missing)})"
+    return "onnxruntime", "auto: float32 on the CPU, where ONNX Runtime is faster"
+
+
+def forward_threads(requested: int | None) -> int:
+    """Intra-op threads for the forward pass: as asked, else the CPUs this process may use.
+
+    torch's own default caps it too (it reads the host's cores, not the cgroup quota),
+    so the default is never more threads than torch alone would have started.
+    """
+    if requested is not None:
+        return requested
+    return max(1, min(cpu_budget().count, torch.get_num_threads()))
+
+
+def prepare_image_runner(
+    name: str,
+    checkpoint: Checkpoint,
+    *,
+    backend: str,
+    threads: int | None,
+    cache_dir: str | None,
+) -> ImageRunner | None:
+    """Run on the device thread: set its torch threads, then build the chosen backend.
+
+    Returns the ONNX Runtime runner, or None where torch serves (by choice or fallback).
+    """
+    count = forward_threads(threads)
+    if checkpoint.device.type == "cpu":
+        # Per thread (OpenMP): this is the thread that runs every forward pass.
+        torch.set_num_threads(count)
+    choice, reason = choose_backend(backend, checkpoint)
+    budget = cpu_budget()
+    if choice == "torch":
+        logger.info("model %s: image tower on torch (%s)", name, reason)
+        return None
+    directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    try:
+        runner, difference = build_onnx_runner(checkpoint, directory, count)
+    except OnnxBackendError as exc:
+        logger.warning(
+            "model %s: ONNX Runtime refused, torch serves the image tower instead: %s",
+            name,
+            exc,
+        )
+        return None
+    logger.info(
+        "model %s: image tower on ONNX Runtime (%s), %d threads (CPUs: %s); start-up check "
+        "against torch: max abs difference %.2g",
+        name,
+        reason,
+        count,
+        budget.describe(),
+        difference,
+    )
+    return runner
