@@ -21,6 +21,7 @@ from clipvision.server.batcher import MicroBatcher
 from clipvision.server.dispatch import FairDispatcher
 from clipvision.server.encoder import FloatArray
 from clipvision.server.errors import InvalidImageError, OverloadedError, Reason
+from clipvision.server.flags import parse_settings
 from clipvision.server.memory import MIN_BUDGET, byte_size, container_limit, default_budget
 from clipvision.server.preprocess import (
     ImageLimits,
@@ -30,7 +31,6 @@ from clipvision.server.preprocess import (
     probe_image,
 )
 from clipvision.server.servicer import caller_of
-from clipvision.server.settings import parse_settings
 
 
 @pytest.mark.parametrize(

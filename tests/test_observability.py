@@ -13,9 +13,10 @@ from PIL import Image
 
 from clipvision.server.app import connection_options
 from clipvision.server.calls import request_id_from
+from clipvision.server.flags import parse_settings
 from clipvision.server.logs import JsonFormatter
 from clipvision.server.metrics import DeviceMemoryCollector, ServerMetrics
-from clipvision.server.settings import Settings, parse_settings
+from clipvision.server.settings import Settings
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import encode, photo_bytes, settings_with

@@ -15,8 +15,9 @@ from transformers import CLIPImageProcessorPil, CLIPModel, CLIPVisionModelWithPr
 from clipvision.server import onnx_backend
 from clipvision.server.checkpoint import Checkpoint, load_checkpoint
 from clipvision.server.errors import CheckpointError
+from clipvision.server.flags import parse_settings
 from clipvision.server.image_backend import choose_backend
-from clipvision.server.settings import ModelSpec, Settings, parse_settings
+from clipvision.server.settings import ModelSpec, Settings
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.checkpoints import build_vision_model

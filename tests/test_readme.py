@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 
 from clipvision.server.errors import Reason
-from clipvision.server.settings import build_parser
+from clipvision.server.flags import build_parser
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 

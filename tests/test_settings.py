@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from clipvision.server.settings import ModelSpec, build_parser, parse_settings
+from clipvision.server.flags import build_parser, parse_settings
+from clipvision.server.settings import ModelSpec
 
 
 def test_defaults_serve_the_vit_b32_preset_on_loopback() -> None:
