@@ -48,7 +48,7 @@ NOUNS = ["cat", "dog", "city at night", "bowl of ramen", "mountain lake", "red c
 
 
 def queries() -> list[str]:
-    """Search queries of typical length (4 to 9 words)."""
+    """Search queries of typical length (5 to 12 words)."""
     return [
         f"a photo of a {noun} {detail}"
         for noun in NOUNS
