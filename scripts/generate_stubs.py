@@ -1,4 +1,9 @@
-"""Regenerate the Python stubs in client/clipvision/v1 from proto/.
+"""Regenerate the Python stubs in client/clipvision/v1 and client/clipvision/inference_v2.
+
+clipvision.v1 is generated from proto/clipvision/v1. The Open Inference Protocol's
+package ``inference`` (proto/inference) is generated as clipvision.inference_v2:
+its file is mapped to that import path, so no top-level ``inference`` module is
+installed beside tritonclient's or kserve's copies of the protocol.
 
 Run from the repository root with the pinned dev tools installed:
 
@@ -19,9 +24,16 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 
 
-def proto_files() -> list[Path]:
-    """Return the contract's .proto files, sorted so the output is stable."""
-    return sorted(PROTO_ROOT.rglob("*.proto"))
+# Each source directory under proto/ and the import path its files are generated at.
+PACKAGES = {
+    Path("clipvision/v1"): Path("clipvision/v1"),
+    Path("inference"): Path("clipvision/inference_v2"),
+}
+
+
+def proto_files(source: Path) -> list[Path]:
+    """Return the .proto files of one source directory, sorted so the output is stable."""
+    return sorted((PROTO_ROOT / source).glob("*.proto"))
 
 
 def generate(out: Path) -> None:
@@ -30,20 +42,21 @@ def generate(out: Path) -> None:
     # protoc finds the mypy plugins on PATH; they are installed beside this interpreter.
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
     include = Path(protoc.__file__).parent / "_proto"
-    args = [
-        "grpc_tools.protoc",
-        f"-I{PROTO_ROOT}",
-        f"-I{include}",
-        f"--python_out={out}",
-        f"--mypy_out={out}",
-        f"--grpc_python_out={out}",
-        f"--mypy_grpc_out={out}",
-        *(str(path.relative_to(PROTO_ROOT)) for path in proto_files()),
-    ]
-    if protoc.main(args) != 0:
-        raise SystemExit("protoc failed; see the messages above")
-    # The package must be importable as a regular package for type checkers.
-    for package in {path.parent.relative_to(PROTO_ROOT) for path in proto_files()}:
+    for source, package in PACKAGES.items():
+        args = [
+            "grpc_tools.protoc",
+            # VIRTUAL=DISK: protoc sees the files at the import path they are generated at.
+            f"-I{package.as_posix()}={PROTO_ROOT / source}",
+            f"-I{include}",
+            f"--python_out={out}",
+            f"--mypy_out={out}",
+            f"--grpc_python_out={out}",
+            f"--mypy_grpc_out={out}",
+            *((package / path.name).as_posix() for path in proto_files(source)),
+        ]
+        if protoc.main(args) != 0:
+            raise SystemExit("protoc failed; see the messages above")
+        # The package must be importable as a regular package for type checkers.
         (out / package / "__init__.py").write_text('"""Generated gRPC stubs; do not edit."""\n')
         # PEP 561: callers' type checkers read the .pyi stubs shipped beside the code.
         (out / package / "py.typed").write_text("")

@@ -7,22 +7,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
-GENERATED = ROOT / "client" / "clipvision" / "v1"
+# clipvision.v1 and the Open Inference Protocol's stubs (proto/inference).
+GENERATED = ("v1", "inference_v2")
 
 
-def test_generated_stubs_match_the_proto(tmp_path: Path) -> None:
+@pytest.mark.parametrize("package", GENERATED)
+def test_generated_stubs_match_the_proto(tmp_path: Path, package: str) -> None:
     subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "generate_stubs.py"), "--out", str(tmp_path)],
         check=True,
         capture_output=True,
     )
-    fresh = tmp_path / "clipvision" / "v1"
+    fresh = tmp_path / "clipvision" / package
+    committed = ROOT / "client" / "clipvision" / package
     fresh_files = sorted(p.name for p in fresh.iterdir() if p.is_file())
-    committed_files = sorted(p.name for p in GENERATED.iterdir() if p.is_file())
+    committed_files = sorted(p.name for p in committed.iterdir() if p.is_file())
     assert fresh_files == committed_files, "run: python scripts/generate_stubs.py"
     for name in fresh_files:
-        assert (fresh / name).read_bytes() == (GENERATED / name).read_bytes(), (
+        assert (fresh / name).read_bytes() == (committed / name).read_bytes(), (
             f"{name} is stale; run: python scripts/generate_stubs.py"
         )
 

@@ -79,7 +79,7 @@ async def test_reflection_lists_and_describes_the_services(
 
     listed = await ask(reflection_pb2.ServerReflectionRequest(list_services=""))
     names = {service.name for service in listed.list_services_response.service}
-    assert {SERVICE, "grpc.health.v1.Health"} <= names
+    assert {SERVICE, "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
     described = await ask(reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE))
     files = described.file_descriptor_response.file_descriptor_proto
     assert any(b"EmbedImageStream" in proto for proto in files)

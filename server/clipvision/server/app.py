@@ -30,6 +30,9 @@ from clipvision.server.interceptors import SERVICE_NAME, ErrorMappingInterceptor
 from clipvision.server.listener import GrpcListener, ListenerError
 from clipvision.server.metrics import ServerMetrics
 from clipvision.server.models import ModelRegistry
+from clipvision.server.oip_servicer import SERVICE_NAME as OIP_SERVICE_NAME
+from clipvision.server.oip_servicer import InferenceServicer
+from clipvision.server.oip_servicer import add_to_server as add_oip_service
 from clipvision.server.servicer import EmbeddingServicer
 from clipvision.server.settings import Settings
 from clipvision.server.text_pipeline import TextPipeline
@@ -175,10 +178,23 @@ class ClipVisionServer:
             options=server_options(self.settings),
         )
         pb_grpc.add_EmbeddingServiceServicer_to_server(self._servicer, server)
+        add_oip_service(
+            InferenceServicer(
+                self.registry,
+                self.images,
+                self.texts,
+                self.health,
+                service_limits(self.settings),
+                lazy=self.settings.lazy_load,
+                observer=self.metrics,
+            ),
+            server,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         reflection.enable_server_reflection(
             (
                 SERVICE_NAME,
+                OIP_SERVICE_NAME,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),

@@ -17,6 +17,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from clipvision.inference_v2 import grpc_service_pb2 as oip
 from clipvision.server.calls import CallRecord, ended_by_gate, open_call, request_id_from
 from clipvision.server.errors import (
     ERROR_DOMAIN,
@@ -29,6 +30,11 @@ from clipvision.server.metrics import ServerMetrics
 from clipvision.v1 import embedding_service_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+# Our services: EmbeddingService and the Open Inference Protocol's (oip_servicer).
+MAPPED_SERVICES = (
+    f"/{SERVICE_NAME}/",
+    f"/{oip.DESCRIPTOR.services_by_name['GRPCInferenceService'].full_name}/",
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +82,8 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-
     ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        # Health and reflection keep their own semantics; only our service is mapped.
-        if handler is None or not method.startswith(f"/{SERVICE_NAME}/"):
+        # Health and reflection keep their own semantics; only our services are mapped.
+        if handler is None or not method.startswith(MAPPED_SERVICES):
             return handler
         books = _CallBooks(method.rpartition("/")[2], self._metrics)
         # RpcMethodHandler is a namedtuple; _replace swaps in the wrapped behaviour.
