@@ -26,6 +26,7 @@ from PIL import Image
 from clipvision.inference_v2 import grpc_service_pb2 as oip
 from clipvision.inference_v2 import grpc_service_pb2_grpc as oip_grpc
 from clipvision.server.app import ClipVisionServer
+from clipvision.server.oip_servicer import split_bytes
 from clipvision.server.settings import Settings
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
@@ -354,6 +355,21 @@ async def test_malformed_tensors_are_refused_naming_what_is_wrong(
         stub, wrong_name
     )
     assert "IMAGE element 0 failed (IMAGE_" in await _invalid(stub, _request([b"not an image"]))
+
+
+async def test_a_flood_of_empty_elements_is_refused_before_it_is_split(
+    server_channel: Pair,
+) -> None:
+    stub = oip_grpc.GRPCInferenceServiceStub(server_channel[1])
+    # Four bytes per element: 4 MB are a million zero-length elements, which the server
+    # must not make on its event loop. The shape says 1 and the limit is 16.
+    flood = _request([b""], raw=b"\x00\x00\x00\x00" * 1_000_000)
+    message = await _invalid(stub, flood)
+    assert "has shape [1] but more than 16 elements" in message
+    # And by the shape alone, before anything is split.
+    assert "1000000 elements and the limit is 16" in await _invalid(stub, _shape([b""], 1_000_000))
+    assert split_bytes(b"\x00" * 4 * 20, "IMAGE", limit=16) is None
+    assert split_bytes(b"\x00" * 4 * 3, "IMAGE", limit=16) == [b"", b"", b""]
 
 
 async def test_only_the_protocols_own_rpcs_are_named_as_unimplemented(

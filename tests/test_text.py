@@ -238,6 +238,8 @@ async def test_classify_keeps_label_vectors_for_the_next_call(
         (["cat"], "a {} and a {}", "PROMPT_TEMPLATE_INVALID"),
         (["cat"], "a photo of a {label}", "PROMPT_TEMPLATE_INVALID"),
         (["cat"] * 257, "", "TOO_MANY_LABELS"),
+        # Refused before any prompt is built: 64 prompts of 64 KiB each are never made.
+        (["cat"] * 64, "{}" + "x" * 65536, "TEXT_TOO_LARGE"),
     ],
 )
 async def test_classify_refuses_what_it_cannot_score(

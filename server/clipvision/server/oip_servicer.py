@@ -257,14 +257,10 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         model, text = await self._model(request.model_name, request.model_version)
         if text:
             model.text_tower()
-        elements = _elements(request, _input_name(text))
         limit = self._limits.max_batch_texts if text else self._limits.max_batch_images
-        if len(elements) > limit:
-            raise InvalidRequestError(
-                Reason.TOO_MANY_TEXTS if text else Reason.TOO_MANY_IMAGES,
-                f"The request has {len(elements)} elements and the limit is {limit} "
-                "(ModelConfig's max_batch_size); split it into several requests.",
-            )
+        # The limit is enforced while the elements are split, not after: 64 MB of
+        # zero-length elements would otherwise be millions of objects made on the loop.
+        elements = _elements(request, _input_name(text), limit, text)
         for output in request.outputs:
             if output.name != OUTPUT:
                 raise InvalidRequestError(
@@ -424,8 +420,12 @@ class _Unimplemented(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 # -- tensors -------------------------------------------------------------------------
 
 
-def _elements(request: oip.ModelInferRequest, expected: str) -> list[bytes]:
-    """The BYTES elements of the request's one input, from either of the protocol's forms."""
+def _elements(request: oip.ModelInferRequest, expected: str, limit: int, text: bool) -> list[bytes]:
+    """The BYTES elements of the request's one input, from either of the protocol's forms.
+
+    More than ``limit`` elements (by the shape, or found while splitting) is refused
+    before the rest is split.
+    """
     if len(request.inputs) != 1 or request.inputs[0].name != expected:
         given = ", ".join(repr(tensor.name[:64]) for tensor in request.inputs) or "none"
         raise InvalidRequestError(
@@ -444,6 +444,8 @@ def _elements(request: oip.ModelInferRequest, expected: str) -> list[bytes]:
             Reason.REQUEST_MALFORMED,
             f"Input {expected} must have shape [N] or [N, 1]; the request says {shape[:8]}.",
         )
+    if shape[0] > limit:
+        raise _too_many(shape[0], limit, text)
     raw = request.raw_input_contents
     if raw:
         if len(raw) != 1 or tensor.HasField("contents"):
@@ -452,9 +454,16 @@ def _elements(request: oip.ModelInferRequest, expected: str) -> list[bytes]:
                 "Send the input's elements either in raw_input_contents (one entry per input) "
                 "or in contents.bytes_contents, not both.",
             )
-        elements = split_bytes(raw[0], expected)
+        elements = split_bytes(raw[0], expected, limit)
+        if elements is None:  # shape[0] <= limit here, so the shape is wrong
+            raise InvalidRequestError(
+                Reason.REQUEST_MALFORMED,
+                f"Input {expected} has shape {shape} but more than {limit} elements.",
+            )
         del raw[:]  # the elements hold the bytes now
     else:
+        if len(tensor.contents.bytes_contents) > limit:
+            raise _too_many(len(tensor.contents.bytes_contents), limit, text)
         elements = list(tensor.contents.bytes_contents)
         tensor.contents.ClearField("bytes_contents")
     if len(elements) != shape[0]:
@@ -465,11 +474,24 @@ def _elements(request: oip.ModelInferRequest, expected: str) -> list[bytes]:
     return elements
 
 
-def split_bytes(raw: bytes, name: str) -> list[bytes]:
-    """A BYTES tensor's elements: each a 4-byte little-endian length, then that many bytes."""
-    elements = []
+def _too_many(count: int, limit: int, text: bool) -> InvalidRequestError:
+    return InvalidRequestError(
+        Reason.TOO_MANY_TEXTS if text else Reason.TOO_MANY_IMAGES,
+        f"The request has {count} elements and the limit is {limit} "
+        "(ModelConfig's max_batch_size); split it into several requests.",
+    )
+
+
+def split_bytes(raw: bytes, name: str, limit: int | None = None) -> list[bytes] | None:
+    """A BYTES tensor's elements: each a 4-byte little-endian length, then that many bytes.
+
+    None as soon as there are more than ``limit`` elements (the rest is not split).
+    """
+    elements: list[bytes] = []
     offset, size = 0, len(raw)
     while offset < size:
+        if limit is not None and len(elements) == limit:
+            return None
         if size - offset < 4:
             raise InvalidRequestError(
                 Reason.REQUEST_MALFORMED,

@@ -212,7 +212,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
         """Score one image against labels: softmax of logit_scale x cosine, in label order."""
         labels = list(request.labels)
-        check_labels(labels, request.prompt_template, self._limits.max_classify_labels)
+        check_labels(
+            labels,
+            request.prompt_template,
+            self._limits.max_classify_labels,
+            self._limits.max_text_bytes,
+        )
         model = await self._registry.get(request.model)
         tower = model.text_tower()
         caller, deadline = caller_of(context), patience(context)

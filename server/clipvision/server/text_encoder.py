@@ -53,8 +53,8 @@ class ClipTextEncoder:
         """The most tokens one text may have, start and end tokens included."""
         return self.tower.context_length
 
-    def check(self, text: str) -> None:
-        """Refuse an empty or oversized text before any work is spent on it."""
+    def check(self, text: str) -> int:
+        """Refuse an empty or oversized text before any work is spent on it; its UTF-8 size."""
         if not text:
             raise InvalidTextError(
                 Reason.TEXT_EMPTY, "The text is empty; send at least one character."
@@ -66,6 +66,7 @@ class ClipTextEncoder:
                 f"The text is {size} bytes and the limit is {self.max_text_bytes} "
                 f"(the model reads at most {self.context_length} tokens of it anyway).",
             )
+        return size
 
     def tokenize(self, text: str, truncate: bool) -> TokenizedText:
         """Token ids of ``text``, cut to the context unless ``truncate`` is false (then refused).

@@ -85,8 +85,7 @@ class TextPipeline:
         long as it takes. Raises ModalityNotServedError for a model without a text tower.
         """
         tower = model.text_tower()
-        tower.encoder.check(text)
-        size = len(text.encode("utf-8", errors="surrogatepass"))
+        size = tower.encoder.check(text)
         tokenized, tokenize_s = await self._tokenizes.run(
             caller, size, lambda: _tokenize(tower, text, truncate), _nothing
         )
@@ -149,8 +148,12 @@ def score(tower: TextModel, image: FloatArray, labels: list[LabelVector]) -> Lab
     return LabelScores(probabilities, cosines, [label.truncated for label in labels])
 
 
-def check_labels(labels: list[str], template: str, limit: int) -> None:
-    """Refuse a Classify request whose labels or template cannot be scored."""
+def check_labels(labels: list[str], template: str, limit: int, max_text_bytes: int) -> None:
+    """Refuse a Classify request whose labels or template cannot be scored.
+
+    Sizes are checked here, before any prompt is built: every prompt is a copy of the
+    template, so an oversized template would otherwise be copied once per label.
+    """
     if not labels:
         raise InvalidRequestError(
             Reason.LABELS_MISSING, "The request has no labels; send at least one candidate label."
@@ -166,6 +169,14 @@ def check_labels(labels: list[str], template: str, limit: int) -> None:
         raise InvalidRequestError(
             Reason.TEXT_EMPTY,
             f"Label {empty[0]} is empty; every label needs at least one character.",
+        )
+    template_bytes = len(template.encode("utf-8", errors="surrogatepass"))
+    longest = max(len(label.encode("utf-8", errors="surrogatepass")) for label in labels)
+    if template_bytes + longest > max_text_bytes:
+        raise InvalidRequestError(
+            Reason.TEXT_TOO_LARGE,
+            f"The template ({template_bytes} bytes) with the longest label ({longest} bytes) "
+            f"exceeds the limit of {max_text_bytes} bytes per prompt.",
         )
     rest = template.replace("{}", "", 1)
     if template and (template.count("{}") != 1 or "{" in rest or "}" in rest):
