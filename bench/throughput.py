@@ -51,10 +51,10 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from clipvision.server.backends import prepare_image_runner
 from clipvision.server.checkpoint import load_checkpoint, resolve_device, resolve_dtype
 from clipvision.server.cpu import available_cpus, cpu_budget
 from clipvision.server.encoder import ClipImageEncoder
-from clipvision.server.image_backend import prepare_image_runner
 from clipvision.server.preprocess import ImageLimits
 from clipvision.server.settings import ModelSpec
 from clipvision.v1 import embedding_service_pb2 as pb

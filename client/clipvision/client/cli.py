@@ -207,7 +207,7 @@ def _describe_model(model: pb.ModelInfo) -> str:
     interpolation = pb.Interpolation.Name(pre.interpolation).removeprefix("INTERPOLATION_")
     return (
         f"{name}: {model.embedding_dimension}-d, {model.image_size} px, {model.dtype} on "
-        f"{model.device}; source {model.source}\n"
+        f"{model.device}{_runtime(model.image_runtime)}; source {model.source}\n"
         f"  preprocessing: shortest edge {pre.resize_shortest_edge} px ({interpolation.lower()}), "
         f"centre crop {pre.crop_width}x{pre.crop_height}, mean {_floats(pre.mean)}, "
         f"std {_floats(pre.std)}\n" + _describe_text(model)
@@ -220,7 +220,13 @@ def _describe_text(model: pb.ModelInfo) -> str:
     return (
         f"  texts: context {model.text_context_length} tokens, vocabulary "
         f"{model.vocab_size:,}, logit scale {model.logit_scale:.4g}"
+        f"{_runtime(model.text_runtime)}"
     )
+
+
+def _runtime(runtime: str) -> str:
+    """`` (onnxruntime)``; nothing where an older server does not say."""
+    return f" ({runtime})" if runtime else ""
 
 
 def _embed(client: EmbeddingClient, args: argparse.Namespace) -> int:

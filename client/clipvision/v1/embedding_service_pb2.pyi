@@ -889,6 +889,8 @@ class ModelInfo(_message.Message):
     TEXT_CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
     VOCAB_SIZE_FIELD_NUMBER: _builtins.int
     LOGIT_SCALE_FIELD_NUMBER: _builtins.int
+    IMAGE_RUNTIME_FIELD_NUMBER: _builtins.int
+    TEXT_RUNTIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name requests use to select this model."""
     source: _builtins.str
@@ -922,6 +924,14 @@ class ModelInfo(_message.Message):
     """The learned temperature: Classify multiplies cosines by it before the
     softmax (CLIPModel's logit_scale.exp()). Zero without a text tower.
     """
+    image_runtime: _builtins.str
+    """The runtime that runs the image tower: "torch", or "onnxruntime" where
+    the server exported the tower to ONNX and checked it against torch.
+    """
+    text_runtime: _builtins.str
+    """The runtime that runs the text tower, as image_runtime; empty without a
+    text tower.
+    """
     @_builtins.property
     def preprocessing(self) -> Global___Preprocessing:
         """How images are preprocessed for this model."""
@@ -949,10 +959,12 @@ class ModelInfo(_message.Message):
         text_context_length: _builtins.int = ...,
         vocab_size: _builtins.int = ...,
         logit_scale: _builtins.float = ...,
+        image_runtime: _builtins.str = ...,
+        text_runtime: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["preprocessing", b"preprocessing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dtype", b"dtype", "dummy_weights", b"dummy_weights", "embedding_dimension", b"embedding_dimension", "image_size", b"image_size", "is_default", b"is_default", "loaded", b"loaded", "logit_scale", b"logit_scale", "modalities", b"modalities", "name", b"name", "preprocessing", b"preprocessing", "source", b"source", "text_context_length", b"text_context_length", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dtype", b"dtype", "dummy_weights", b"dummy_weights", "embedding_dimension", b"embedding_dimension", "image_runtime", b"image_runtime", "image_size", b"image_size", "is_default", b"is_default", "loaded", b"loaded", "logit_scale", b"logit_scale", "modalities", b"modalities", "name", b"name", "preprocessing", b"preprocessing", "source", b"source", "text_context_length", b"text_context_length", "text_runtime", b"text_runtime", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -123,6 +123,18 @@ def configure_allocator(
     return applied
 
 
+def release_free_memory() -> None:
+    """Collect garbage and give glibc's free heap back to the OS, once (after a model load).
+
+    A load that exports a tower to ONNX peaks far above what it keeps; the memory
+    budget is sized from the resident size right after, so that peak must be gone.
+    """
+    gc.collect()
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 # Growth smaller than this in one interval (a log line, a metrics scrape) is not a burst.
 _NOISE_BYTES = 4 * MIB
 

@@ -112,9 +112,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     option(
         "--backend",
         defaults.backend,
-        "runtime of the image tower: auto (ONNX Runtime for float32 on the CPU where it is "
-        "installed, else torch), torch or onnxruntime; ONNX Runtime serves only after "
-        "its start-up check against torch (max abs difference 1e-4)",
+        "runtime of the image and text towers: auto (ONNX Runtime for float32 on the CPU "
+        "where it is installed, else torch), torch or onnxruntime; ONNX Runtime serves a "
+        "tower only after its start-up check against torch (max abs difference 1e-4)",
         choices=["auto", "torch", "onnxruntime"],
     )
     option(

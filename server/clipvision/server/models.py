@@ -13,6 +13,8 @@ from typing import Protocol
 import torch
 
 from clipvision.server.admission import BudgetObserver, MemoryBudget
+from clipvision.server.allocator import release_free_memory
+from clipvision.server.backends import prepare_image_runner, prepare_text_runner
 from clipvision.server.batcher import BatchObserver, MicroBatcher
 from clipvision.server.checkpoint import Checkpoint, load_checkpoint, resolve_device, resolve_dtype
 from clipvision.server.encoder import ClipImageEncoder
@@ -23,7 +25,6 @@ from clipvision.server.errors import (
     Reason,
     ServiceUnavailableError,
 )
-from clipvision.server.image_backend import prepare_image_runner
 from clipvision.server.label_cache import LabelCache
 from clipvision.server.memory import default_budget, default_limit, resident_bytes
 from clipvision.server.preprocess import UInt8Array
@@ -238,7 +239,10 @@ class ModelRegistry:
         slot.model = ServedModel(encoder, batcher, text, checkpoint.text_missing)
         slot.error = None
         if self._settings.memory_budget is None:
-            self.budget.resize(self._budget_bytes())  # what is resident now includes the model
+            # What is resident now includes the model, and not the export's or the freed
+            # torch weights' peak.
+            await loop.run_in_executor(self._executor, release_free_memory)
+            self.budget.resize(self._budget_bytes())
         seconds = time.perf_counter() - started
         if self._observer is not None:
             self._observer.on_model_loaded(slot.spec.name, seconds)
@@ -260,12 +264,22 @@ class ModelRegistry:
         if checkpoint.text is None:
             logger.info("model %s serves images only: %s", spec.name, checkpoint.text_missing)
             return None
+        loop = asyncio.get_running_loop()
+        runner = await loop.run_in_executor(
+            self._executor,
+            functools.partial(
+                prepare_text_runner,
+                spec.name,
+                checkpoint,
+                backend=settings.backend,
+                threads=settings.threads,
+                cache_dir=settings.onnx_cache_dir,
+            ),
+        )
         encoder = ClipTextEncoder(
-            spec.name, checkpoint.text, checkpoint.device, settings.max_text_bytes
+            spec.name, checkpoint.text, checkpoint.device, settings.max_text_bytes, runner
         )
-        await asyncio.get_running_loop().run_in_executor(
-            self._executor, encoder.warm_up, (1, settings.max_batch_size)
-        )
+        await loop.run_in_executor(self._executor, encoder.warm_up, (1, settings.max_batch_size))
         batcher: MicroBatcher[IdArray] = MicroBatcher(
             spec.name,
             encoder.embed_batch,

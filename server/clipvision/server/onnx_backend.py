@@ -1,10 +1,12 @@
-"""The image tower on ONNX Runtime: exported from the loaded checkpoint, cached on disk, checked.
+"""The towers on ONNX Runtime: exported from the loaded checkpoint, cached on disk, checked.
 
-The exported graph takes the uint8 (N, 3, H, W) pixels the queue carries and does
-the rescale and mean/std by the same exact lookup table as the torch path, so
-nothing upstream changes. The export runs once per checkpoint content and
-exporter version (offline: it only traces the loaded module) and is cached; the
-session is then checked against torch on a fixed input before it serves.
+Each tower (image, text) is exported on its own, with the inputs its batcher
+already produces, so nothing upstream changes: the image graph takes the uint8
+(N, 3, H, W) pixels the queue carries and does the rescale and mean/std by the
+same exact lookup table as the torch path; the text graph takes the padded
+(N, T) token ids and their attention mask. An export runs once per tower
+content and exporter version (offline: it only traces the loaded module) and is
+cached; the session is then checked against torch on a fixed input before it serves.
 """
 
 from __future__ import annotations
@@ -18,22 +20,23 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from clipvision.server.checkpoint import Checkpoint
+from clipvision.server.checkpoint import Checkpoint, TextTower
 from clipvision.server.encoder import ClipImageEncoder, FloatArray
 from clipvision.server.preprocess import ClipPreprocessor, ImageLimits, UInt8Array
+from clipvision.server.text_encoder import IdArray
 
 logger = logging.getLogger(__name__)
 
-# Raise when the exported graph changes for the same checkpoint (inputs, ops, options).
-EXPORT_FORMAT = 1
+# Raise when the exported graphs change for the same checkpoint (inputs, ops, options).
+EXPORT_FORMAT = 2
 # The start-up check's limit: above it the backend is refused (torch serves instead).
 SELF_CHECK_TOLERANCE = 1e-4
 # What the export needs beside torch: onnxruntime to run it, onnx and onnxscript to write
@@ -41,9 +44,10 @@ SELF_CHECK_TOLERANCE = 1e-4
 REQUIRED_MODULES = ("onnxruntime", "onnx", "onnxscript")
 # Part of the cache key: a new version of any of these may export a different graph.
 EXPORTER_PACKAGES = ("torch", "transformers", "onnx", "onnxscript")
-INPUT_NAME = "pixels"
-OUTPUT_NAME = "image_embeds"
-MODEL_FILE = "image.onnx"
+IMAGE_INPUTS = ("pixels",)
+TEXT_INPUTS = ("input_ids", "attention_mask")
+IMAGE_OUTPUT = "image_embeds"
+TEXT_OUTPUT = "text_embeds"
 
 
 class OnnxBackendError(Exception):
@@ -63,7 +67,7 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class OnnxImageRunner:
-    """Runs the exported tower: uint8 (N, 3, H, W) pixels in, float32 (N, D) features out."""
+    """Runs the exported image tower: uint8 (N, 3, H, W) pixels in, float32 (N, D) out."""
 
     session: Any  # onnxruntime.InferenceSession (onnxruntime ships no type hints)
     path: Path
@@ -71,7 +75,26 @@ class OnnxImageRunner:
 
     def __call__(self, pixels: UInt8Array) -> FloatArray:
         """Embed one batch; ONNX Runtime releases the GIL while it runs."""
-        (features,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(pixels)})
+        (features,) = self.session.run(
+            [IMAGE_OUTPUT], {IMAGE_INPUTS[0]: np.ascontiguousarray(pixels)}
+        )
+        result: FloatArray = features
+        return result
+
+
+@dataclass(frozen=True)
+class OnnxTextRunner:
+    """Runs the exported text tower: int64 (N, T) ids and mask in, float32 (N, D) out."""
+
+    session: Any
+    path: Path
+    threads: int
+
+    def __call__(self, ids: IdArray, mask: IdArray) -> FloatArray:
+        """Embed one padded batch; ONNX Runtime releases the GIL while it runs."""
+        (features,) = self.session.run(
+            [TEXT_OUTPUT], dict(zip(TEXT_INPUTS, (ids, mask), strict=True))
+        )
         result: FloatArray = features
         return result
 
@@ -96,13 +119,80 @@ class _ImageGraph(torch.nn.Module):
         return embeds
 
 
-def content_hash(checkpoint: Checkpoint) -> str:
-    """SHA-256 of what the graph computes: config, preprocessing table and every weight."""
-    digest = hashlib.sha256()
-    digest.update(checkpoint.model.config.to_json_string(use_diff=False).encode())
-    digest.update(ClipPreprocessor(checkpoint.preprocess).lookup_table.tobytes())
-    digest.update(str(checkpoint.dtype).encode())
-    for name, tensor in sorted(checkpoint.model.state_dict().items()):
+class _TextGraph(torch.nn.Module):
+    """What is exported: the text tower and its projection, pooled at each text's end token."""
+
+    def __init__(self, tower: TextTower) -> None:
+        super().__init__()
+        self.model = tower.model
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        embeds: torch.Tensor = self.model(input_ids=ids, attention_mask=mask).text_embeds
+        return embeds
+
+
+@dataclass(frozen=True)
+class TowerGraph:
+    """One tower as the exporter sees it: the module, an example batch and its dynamic axes."""
+
+    kind: str
+    """``image`` or ``text``: the cache entry's file name, and part of its key."""
+    module: torch.nn.Module
+    example: tuple[torch.Tensor, ...]
+    input_names: tuple[str, ...]
+    output_name: str
+    dynamic_shapes: tuple[dict[int, Any], ...]
+    config: str
+    """The tower's transformers config as JSON, part of the cache key."""
+
+    @property
+    def file_name(self) -> str:
+        """The graph's file in its cache entry (its weights are beside it, in ``.data``)."""
+        return f"{self.kind}.onnx"
+
+
+def image_graph(checkpoint: Checkpoint) -> TowerGraph:
+    """The image tower with the lookup table in front: (N, 3, H, W) uint8 in."""
+    config = checkpoint.preprocess
+    example = torch.zeros((2, 3, config.crop_height, config.crop_width), dtype=torch.uint8)
+    return TowerGraph(
+        "image",
+        _ImageGraph(checkpoint).eval(),
+        (example,),
+        IMAGE_INPUTS,
+        IMAGE_OUTPUT,
+        ({0: torch.export.Dim("batch", min=1)},),
+        checkpoint.model.config.to_json_string(use_diff=False),
+    )
+
+
+def text_graph(tower: TextTower) -> TowerGraph:
+    """The text tower: (N, T) ids and mask in, T up to the context length."""
+    # Example shapes other than 1 and the context, so that neither axis is specialised.
+    length = max(2, tower.context_length // 2)
+    ids = torch.zeros((2, length), dtype=torch.int64)
+    batch = torch.export.Dim("batch", min=1)
+    tokens = torch.export.Dim("tokens", min=1, max=tower.context_length)
+    return TowerGraph(
+        "text",
+        _TextGraph(tower).eval(),
+        (ids, torch.ones_like(ids)),
+        TEXT_INPUTS,
+        TEXT_OUTPUT,
+        ({0: batch, 1: tokens}, {0: batch, 1: tokens}),
+        tower.model.config.to_json_string(use_diff=False),
+    )
+
+
+def content_hash(graph: TowerGraph) -> str:
+    """SHA-256 of what the graph computes: its kind, the config and every weight and buffer.
+
+    The image graph's buffers include the preprocessing table, so a checkpoint with
+    other mean/std values gets another entry.
+    """
+    digest = hashlib.sha256(graph.kind.encode())
+    digest.update(graph.config.encode())
+    for name, tensor in sorted(graph.module.state_dict().items()):
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         # Viewed as bytes without a copy: the weights may be hundreds of megabytes.
@@ -110,30 +200,27 @@ def content_hash(checkpoint: Checkpoint) -> str:
     return digest.hexdigest()
 
 
-def cache_key(checkpoint: Checkpoint) -> str:
-    """The cache entry's name: the checkpoint's content and the exporter's versions."""
+def cache_key(graph: TowerGraph) -> str:
+    """The cache entry's name: the tower's content and the exporter's versions."""
     versions = ";".join(
         f"{package}={importlib.metadata.version(package)}" for package in EXPORTER_PACKAGES
     )
-    digest = hashlib.sha256(f"{content_hash(checkpoint)};{versions};{EXPORT_FORMAT}".encode())
+    digest = hashlib.sha256(f"{content_hash(graph)};{versions};{EXPORT_FORMAT}".encode())
     return digest.hexdigest()[:32]
 
 
-def export_image_graph(checkpoint: Checkpoint, directory: Path) -> Path:
-    """Export the tower (dynamic batch axis) into ``directory``; returns the model file."""
-    graph = _ImageGraph(checkpoint).eval()
-    config = checkpoint.preprocess
-    example = torch.zeros((2, 3, config.crop_height, config.crop_width), dtype=torch.uint8)
-    path = directory / MODEL_FILE
+def export_graph(graph: TowerGraph, directory: Path) -> Path:
+    """Export the tower (dynamic axes) into ``directory``; returns the model file."""
+    path = directory / graph.file_name
     with _quiet_exporter(), torch.no_grad():
         torch.onnx.export(
-            graph,
-            (example,),
+            graph.module,
+            graph.example,
             str(path),
             dynamo=True,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+            input_names=list(graph.input_names),
+            output_names=[graph.output_name],
+            dynamic_shapes=graph.dynamic_shapes,
             # Weights beside the graph: protobuf caps one file at 2 GB (ViT-H and up).
             external_data=True,
             optimize=True,
@@ -142,20 +229,20 @@ def export_image_graph(checkpoint: Checkpoint, directory: Path) -> Path:
     return path
 
 
-def cached_model(checkpoint: Checkpoint, cache_dir: Path) -> Path:
-    """The exported model for this checkpoint, from the cache or exported into it now."""
-    entry = cache_dir / cache_key(checkpoint)
-    path = entry / MODEL_FILE
+def cached_model(graph: TowerGraph, cache_dir: Path) -> Path:
+    """The exported model for this tower, from the cache or exported into it now."""
+    entry = cache_dir / cache_key(graph)
+    path = entry / graph.file_name
     if path.is_file():
-        logger.info("ONNX export found in the cache: %s", entry)
+        logger.info("ONNX export of the %s tower found in the cache: %s", graph.kind, entry)
         return path
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Exported into a private directory and renamed into place: a reader (another replica
     # sharing the cache) sees a whole entry or none.
     scratch = Path(tempfile.mkdtemp(prefix=".export-", dir=cache_dir))
     try:
-        logger.info("exporting the image tower to ONNX (once per checkpoint): %s", entry)
-        export_image_graph(checkpoint, scratch)
+        logger.info("exporting the %s tower to ONNX (once per checkpoint): %s", graph.kind, entry)
+        export_graph(graph, scratch)
         try:
             scratch.rename(entry)
         except OSError:
@@ -166,8 +253,8 @@ def cached_model(checkpoint: Checkpoint, cache_dir: Path) -> Path:
     return path
 
 
-def open_session(path: Path, threads: int) -> OnnxImageRunner:
-    """An ONNX Runtime CPU session on the exported model with ``threads`` intra-op threads."""
+def open_session(path: Path, threads: int) -> Any:
+    """An ONNX Runtime CPU session on an exported model with ``threads`` intra-op threads."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -180,14 +267,13 @@ def open_session(path: Path, threads: int) -> OnnxImageRunner:
     # preprocessing threads and any neighbour need (measured in docs/PERFORMANCE.md).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # errors only: its warnings are about graph rewrites
-    session = onnxruntime.InferenceSession(
+    return onnxruntime.InferenceSession(
         str(path), sess_options=options, providers=["CPUExecutionProvider"]
     )
-    return OnnxImageRunner(session=session, path=path, threads=threads)
 
 
 def self_check_input(checkpoint: Checkpoint) -> UInt8Array:
-    """The fixed batch both backends embed at start: two images of seeded noise."""
+    """The fixed batch both image backends embed at start: two images of seeded noise."""
     config = checkpoint.preprocess
     rng = np.random.default_rng(0)
     pixels: UInt8Array = rng.integers(
@@ -196,22 +282,77 @@ def self_check_input(checkpoint: Checkpoint) -> UInt8Array:
     return pixels
 
 
-def max_difference(runner: OnnxImageRunner, checkpoint: Checkpoint) -> float:
-    """Largest absolute difference between ONNX Runtime's features and torch's."""
+def text_self_check_input(tower: TextTower) -> tuple[IdArray, IdArray]:
+    """The fixed batch both text backends embed at start: seeded ids, one row padded.
+
+    A full-context row and a shorter one padded behind its end token, so that every
+    position embedding and the padding mask are exercised.
+    """
+    tokenizer = tower.tokenizer
+    end = int(tokenizer.eos_token_id)
+    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end)
+    context = tower.context_length
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, min(tower.vocab_size, end), size=(2, context), dtype=np.int64)
+    mask = np.ones((2, context), dtype=np.int64)
+    ids[0, -1] = end
+    short = max(2, context // 3)
+    ids[1, short - 1] = end
+    ids[1, short:] = pad
+    mask[1, short:] = 0
+    return ids, mask
+
+
+def image_difference(runner: OnnxImageRunner, checkpoint: Checkpoint) -> float:
+    """Largest absolute difference between ONNX Runtime's image features and torch's."""
     pixels = self_check_input(checkpoint)
     torch_encoder = ClipImageEncoder("self-check", "self-check", checkpoint, ImageLimits())
     expected = torch_encoder.to_host(torch_encoder.forward(pixels))
     return float(np.max(np.abs(runner(pixels) - expected)))
 
 
+def text_difference(runner: OnnxTextRunner, tower: TextTower) -> float:
+    """Largest absolute difference between ONNX Runtime's text features and torch's."""
+    ids, mask = text_self_check_input(tower)
+    with torch.inference_mode():
+        expected = tower.model(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
+        ).text_embeds.numpy()
+    return float(np.max(np.abs(runner(ids, mask) - expected)))
+
+
 def build_onnx_runner(
     checkpoint: Checkpoint, cache_dir: Path, threads: int
 ) -> tuple[OnnxImageRunner, float]:
-    """Export (or reuse), open and check; OnnxBackendError says why the backend is refused."""
+    """The image tower: export (or reuse), open and check; OnnxBackendError says why not."""
+
+    def check(path: Path) -> tuple[OnnxImageRunner, float]:
+        runner = OnnxImageRunner(open_session(path, threads), path, threads)
+        return runner, image_difference(runner, checkpoint)
+
+    return _built(lambda: image_graph(checkpoint), cache_dir, check)
+
+
+def build_onnx_text_runner(
+    tower: TextTower, cache_dir: Path, threads: int
+) -> tuple[OnnxTextRunner, float]:
+    """The text tower: export (or reuse), open and check; OnnxBackendError says why not."""
+
+    def check(path: Path) -> tuple[OnnxTextRunner, float]:
+        runner = OnnxTextRunner(open_session(path, threads), path, threads)
+        return runner, text_difference(runner, tower)
+
+    return _built(lambda: text_graph(tower), cache_dir, check)
+
+
+R = TypeVar("R")
+
+
+def _built(
+    graph: Callable[[], TowerGraph], cache_dir: Path, check: Callable[[Path], tuple[R, float]]
+) -> tuple[R, float]:
     try:
-        path = cached_model(checkpoint, cache_dir)
-        runner = open_session(path, threads)
-        difference = max_difference(runner, checkpoint)
+        runner, difference = check(cached_model(graph(), cache_dir))
     except Exception as exc:  # the exporter and runtime raise many kinds; all mean "no"
         raise OnnxBackendError(f"{exc.__class__.__name__}: {exc}") from exc
     if not difference <= SELF_CHECK_TOLERANCE:  # NaN is refused too
@@ -220,6 +361,15 @@ def build_onnx_runner(
             f"check (the limit is {SELF_CHECK_TOLERANCE:g})"
         )
     return runner, difference
+
+
+def release_weights(module: torch.nn.Module) -> None:
+    """Free a tower's torch weights once ONNX Runtime serves it with its own copy.
+
+    The module keeps its structure and config on the ``meta`` device; calling it
+    would fail loudly, and nothing does: the encoder runs the ONNX Runtime session.
+    """
+    module.to("meta")
 
 
 @contextlib.contextmanager

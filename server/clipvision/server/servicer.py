@@ -391,7 +391,9 @@ def _describe(info: pb.ModelInfo, served: ServedModel) -> None:
     info.loaded = True
     info.preprocessing.CopyFrom(_preprocessing(checkpoint.preprocess))
     info.modalities.append(pb.MODALITY_IMAGE)
+    info.image_runtime = served.encoder.backend
     if served.text is not None:
+        info.text_runtime = served.text.encoder.backend
         tower = served.text.encoder.tower
         info.modalities.append(pb.MODALITY_TEXT)
         info.text_context_length = tower.context_length

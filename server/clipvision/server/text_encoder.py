@@ -8,6 +8,7 @@ CLIPTokenizer, the one CLIPProcessor uses), so ids match the reference exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,8 @@ from clipvision.server.encoder import FloatArray
 from clipvision.server.errors import InvalidTextError, Reason
 
 IdArray = npt.NDArray[np.int64]
+# Another runtime's forward pass of the text tower (ONNX Runtime): ids and mask in.
+TextRunner = Callable[[IdArray, IdArray], FloatArray]
 
 
 @dataclass(frozen=True)
@@ -34,12 +37,20 @@ class ClipTextEncoder:
     """The stages of embedding a text with one loaded text tower."""
 
     def __init__(
-        self, name: str, tower: TextTower, device: torch.device, max_text_bytes: int
+        self,
+        name: str,
+        tower: TextTower,
+        device: torch.device,
+        max_text_bytes: int,
+        runner: TextRunner | None = None,
     ) -> None:
         self.name = name
         self.tower = tower
         self.device = device
         self.max_text_bytes = max_text_bytes
+        # ONNX Runtime's session (see backends), or None for torch.
+        self.runner = runner
+        self.backend = "torch" if runner is None else "onnxruntime"
         tokenizer = tower.tokenizer
         # The Rust tokenizer CLIPTokenizer wraps: same normaliser, pre-tokenizer, BPE and
         # special tokens, without the Python wrapper's per-call overhead.
@@ -100,6 +111,8 @@ class ClipTextEncoder:
         for row, text in enumerate(texts):
             ids[row, : len(text)] = text
             mask[row, : len(text)] = 1
+        if self.runner is not None:
+            return self.runner(ids, mask)
         with torch.inference_mode():
             embeds: torch.Tensor = self.tower.model(
                 input_ids=torch.from_numpy(ids).to(self.device),

@@ -1,9 +1,10 @@
-"""Which runtime runs the image tower (torch or ONNX Runtime), with how many threads, and why.
+"""Which runtime runs each tower (torch or ONNX Runtime), with how many threads, and why.
 
 ``auto`` picks ONNX Runtime for float32 on the CPU where it is installed (measured
-faster there: docs/PERFORMANCE.md) and torch elsewhere; a GPU stays on torch.
-ONNX Runtime serves only after its start-up check against torch passes; if the
-export or the check fails, torch serves and the log says why.
+faster there for both towers: docs/PERFORMANCE.md) and torch elsewhere; a GPU
+stays on torch. ONNX Runtime serves a tower only after its start-up check against
+torch passes, and torch's copy of that tower's weights is then freed; if the export
+or the check fails, torch serves that tower and the log says why.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from clipvision.server.errors import CheckpointError
 from clipvision.server.onnx_backend import (
     OnnxBackendError,
     build_onnx_runner,
+    build_onnx_text_runner,
     default_cache_dir,
     missing_modules,
+    release_weights,
 )
 from clipvision.server.preprocess import UInt8Array
+from clipvision.server.text_encoder import TextRunner
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +89,7 @@ def prepare_image_runner(
     threads: int | None,
     cache_dir: str | None,
 ) -> ImageRunner | None:
-    """Run on the device thread: set its torch threads, then build the chosen backend.
+    """Run on the device thread: set its torch threads, then build the image tower's backend.
 
     Returns the ONNX Runtime runner, or None where torch serves (by choice or fallback).
     """
@@ -94,27 +98,71 @@ def prepare_image_runner(
         # Per thread (OpenMP): this is the thread that runs every forward pass.
         torch.set_num_threads(count)
     choice, reason = choose_backend(backend, checkpoint)
-    budget = cpu_budget()
     if choice == "torch":
         logger.info("model %s: image tower on torch (%s)", name, reason)
         return None
-    directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    directory = _cache_dir(cache_dir)
     try:
         runner, difference = build_onnx_runner(checkpoint, directory, count)
     except OnnxBackendError as exc:
-        logger.warning(
-            "model %s: ONNX Runtime refused, torch serves the image tower instead: %s",
-            name,
-            exc,
-        )
+        _refused(name, "image", exc)
         return None
+    _chosen(name, "image", reason, count, difference)
+    release_weights(checkpoint.model)
+    return runner
+
+
+def prepare_text_runner(
+    name: str,
+    checkpoint: Checkpoint,
+    *,
+    backend: str,
+    threads: int | None,
+    cache_dir: str | None,
+) -> TextRunner | None:
+    """Run on the device thread: build the text tower's backend, by the same rule as images.
+
+    Returns the ONNX Runtime runner, or None where torch serves (or there is no text tower).
+    """
+    tower = checkpoint.text
+    if tower is None:
+        return None
+    choice, reason = choose_backend(backend, checkpoint)
+    if choice == "torch":
+        logger.info("model %s: text tower on torch (%s)", name, reason)
+        return None
+    count = forward_threads(threads)
+    try:
+        runner, difference = build_onnx_text_runner(tower, _cache_dir(cache_dir), count)
+    except OnnxBackendError as exc:
+        _refused(name, "text", exc)
+        return None
+    _chosen(name, "text", reason, count, difference)
+    release_weights(tower.model)
+    return runner
+
+
+def _cache_dir(cache_dir: str | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+
+
+def _refused(name: str, tower: str, exc: OnnxBackendError) -> None:
+    logger.warning(
+        "model %s: ONNX Runtime refused, torch serves the %s tower instead: %s",
+        name,
+        tower,
+        exc,
+    )
+
+
+def _chosen(name: str, tower: str, reason: str, threads: int, difference: float) -> None:
     logger.info(
-        "model %s: image tower on ONNX Runtime (%s), %d threads (CPUs: %s); start-up check "
+        "model %s: %s tower on ONNX Runtime (%s), %d threads (CPUs: %s); start-up check "
         "against torch: max abs difference %.2g",
         name,
+        tower,
         reason,
-        count,
-        budget.describe(),
+        threads,
+        cpu_budget().describe(),
         difference,
     )
-    return runner
