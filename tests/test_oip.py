@@ -13,6 +13,7 @@ import json
 import os
 import struct
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,9 @@ from PIL import Image
 from clipvision.inference_v2 import grpc_service_pb2 as oip
 from clipvision.inference_v2 import grpc_service_pb2_grpc as oip_grpc
 from clipvision.server.app import ClipVisionServer
+from clipvision.server.encoder import ClipImageEncoder, FloatArray
 from clipvision.server.oip_servicer import split_bytes
+from clipvision.server.preprocess import UInt8Array
 from clipvision.server.settings import Settings
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
@@ -490,3 +493,41 @@ async def test_kserve_models_know_every_field_of_the_example() -> None:
         stderr=asyncio.subprocess.PIPE,
     )
     assert json.loads(await _finish(child)) == []
+
+
+async def test_a_streams_requests_show_in_the_queue_depth_until_answered(
+    base_settings: Settings, images: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    real = ClipImageEncoder.embed_batch
+
+    def held(encoder: ClipImageEncoder, pixels: list[UInt8Array]) -> FloatArray:
+        release.wait(timeout=30)
+        return real(encoder, pixels)
+
+    # Patched before the model loads: the batcher holds the bound batch function.
+    monkeypatch.setattr(ClipImageEncoder, "embed_batch", held)
+    async with running_server(base_settings) as (server, channel):
+
+        def depth() -> float | None:
+            return server.metrics.registry.get_sample_value(
+                "clipvision_queue_depth", {"model": "tiny"}
+            )
+
+        call = oip_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
+            iter([_request([p.read_bytes() for p in images[:3]])])
+        )
+        reading = asyncio.ensure_future(_collect(call))
+        try:
+            async with asyncio.timeout(10):
+                while depth() != 3:  # the request's three images, admitted and in flight
+                    await asyncio.sleep(0.02)
+        finally:
+            release.set()
+        responses = await reading
+        assert not responses[0].error_message
+        assert depth() == 0
+
+
+async def _collect(call: Any) -> list[oip.ModelStreamInferResponse]:
+    return [response async for response in call]

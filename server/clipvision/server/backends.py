@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -93,23 +94,14 @@ def prepare_image_runner(
 
     Returns the ONNX Runtime runner, or None where torch serves (by choice or fallback).
     """
-    count = forward_threads(threads)
     if checkpoint.device.type == "cpu":
         # Per thread (OpenMP): this is the thread that runs every forward pass.
-        torch.set_num_threads(count)
-    choice, reason = choose_backend(backend, checkpoint)
-    if choice == "torch":
-        logger.info("model %s: image tower on torch (%s)", name, reason)
-        return None
-    directory = _cache_dir(cache_dir)
-    try:
-        runner, difference = build_onnx_runner(checkpoint, directory, count)
-    except OnnxBackendError as exc:
-        _refused(name, "image", exc)
-        return None
-    _chosen(name, "image", reason, count, difference)
-    release_weights(checkpoint.model)
-    return runner
+        torch.set_num_threads(forward_threads(threads))
+
+    def build(directory: Path, count: int) -> tuple[ImageRunner, float]:
+        return build_onnx_runner(checkpoint, directory, count)
+
+    return _runner(name, "image", checkpoint, checkpoint.model, backend, threads, cache_dir, build)
 
 
 def prepare_text_runner(
@@ -127,42 +119,52 @@ def prepare_text_runner(
     tower = checkpoint.text
     if tower is None:
         return None
+
+    def build(directory: Path, count: int) -> tuple[TextRunner, float]:
+        return build_onnx_text_runner(tower, directory, count)
+
+    return _runner(name, "text", checkpoint, tower.model, backend, threads, cache_dir, build)
+
+
+R = TypeVar("R")
+
+
+def _runner(
+    name: str,
+    tower: str,
+    checkpoint: Checkpoint,
+    module: torch.nn.Module,
+    backend: str,
+    threads: int | None,
+    cache_dir: str | None,
+    build: Callable[[Path, int], tuple[R, float]],
+) -> R | None:
+    """ONNX Runtime's runner for one tower, torch's weights of it freed; None: torch serves."""
     choice, reason = choose_backend(backend, checkpoint)
     if choice == "torch":
-        logger.info("model %s: text tower on torch (%s)", name, reason)
+        logger.info("model %s: %s tower on torch (%s)", name, tower, reason)
         return None
     count = forward_threads(threads)
+    directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     try:
-        runner, difference = build_onnx_text_runner(tower, _cache_dir(cache_dir), count)
+        runner, difference = build(directory, count)
     except OnnxBackendError as exc:
-        _refused(name, "text", exc)
+        logger.warning(
+            "model %s: ONNX Runtime refused, torch serves the %s tower instead: %s",
+            name,
+            tower,
+            exc,
+        )
         return None
-    _chosen(name, "text", reason, count, difference)
-    release_weights(tower.model)
-    return runner
-
-
-def _cache_dir(cache_dir: str | None) -> Path:
-    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-
-
-def _refused(name: str, tower: str, exc: OnnxBackendError) -> None:
-    logger.warning(
-        "model %s: ONNX Runtime refused, torch serves the %s tower instead: %s",
-        name,
-        tower,
-        exc,
-    )
-
-
-def _chosen(name: str, tower: str, reason: str, threads: int, difference: float) -> None:
     logger.info(
         "model %s: %s tower on ONNX Runtime (%s), %d threads (CPUs: %s); start-up check "
         "against torch: max abs difference %.2g",
         name,
         tower,
         reason,
-        threads,
+        count,
         cpu_budget().describe(),
         difference,
     )
+    release_weights(module)
+    return runner
