@@ -163,20 +163,20 @@ class MicroBatcher(Generic[Payload]):
             pool.give(caller, count)
             self._report_depth()
 
-    async def reserve(self, caller: str) -> None:
-        """Admit one image of ``caller``, waiting for room in fair order (stream backpressure).
+    async def reserve(self, caller: str, count: int = 1) -> None:
+        """Admit ``count`` items of ``caller``, waiting for room in fair order (backpressure).
 
-        Every reservation must be matched by one ``release``.
+        Every reservation must be matched by one ``release`` of the same count.
         """
-        if not self.capacity.try_take(caller, 1):
+        if not self.capacity.try_take(caller, count):
             if self._admission_observer is not None:
                 self._admission_observer.on_admission_wait("queue")
-            await self.capacity.take(caller, 1)
+            await self.capacity.take(caller, count)
         self._report_depth()
 
-    def release(self, caller: str) -> None:
-        """Give back the room of one image admitted with ``reserve``."""
-        self.capacity.give(caller, 1)
+    def release(self, caller: str, count: int = 1) -> None:
+        """Give back the room of ``count`` items admitted with ``reserve``."""
+        self.capacity.give(caller, count)
         self._report_depth()
 
     async def submit(self, payload: Payload, caller: str = "") -> Embedded:

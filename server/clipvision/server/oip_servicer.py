@@ -218,19 +218,20 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         ) -> tuple[asyncio.Future[oip.ModelStreamInferResponse], asyncio.Future[None] | None]:
             try:
                 job = await self._job(request)
-                pool, count = job.batcher.capacity, len(job.elements)
-                if count > pool.limit:  # it could never be admitted
+                batcher, count = job.batcher, len(job.elements)
+                limit = batcher.capacity.limit
+                if count > limit:  # it could never be admitted
                     raise InvalidRequestError(
                         Reason.REQUEST_MALFORMED,
                         f"The request has {count} elements and the model's queue holds "
-                        f"{pool.limit}; split it into several requests.",
+                        f"{limit}; split it into several requests.",
                     )
             except ClipVisionError as exc:
                 return answered(self._stream_error(request, exc)), None
             # Waiting here stops the reading: the stream's backpressure, as EmbedImageStream.
             # The whole request at once, so that streams holding part of their requests
             # cannot block each other.
-            await pool.take(caller, count)
+            await batcher.reserve(caller, count)
 
             async def run() -> oip.ModelStreamInferResponse:
                 try:
@@ -242,7 +243,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
             task = asyncio.get_running_loop().create_task(run())
             # A done-callback, not a finally: a task cancelled before it starts runs no code.
-            task.add_done_callback(lambda _: pool.give(caller, count))
+            task.add_done_callback(lambda _: batcher.release(caller, count))
             return task, None
 
         async for response in answer_in_order(
