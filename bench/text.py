@@ -1,8 +1,9 @@
-"""Texts per second, Classify latency, and images beside them, through one server, in one run.
+"""Texts per second, Classify latency, and images beside them, per backend, in one run.
 
-    .venv/bin/python bench/text.py                    # ViT-B/32 dummy weights, this machine
+    .venv/bin/python bench/text.py                    # ViT-B/32 dummy weights, torch and auto
     .venv/bin/python bench/text.py --seconds 5        # shorter
-    python3 bench/text.py --device cuda --dtype float16   # on a GPU (see bench/gpu.sh)
+    .venv/bin/python bench/text.py --backends auto    # one server only
+    python3 bench/text.py --device cuda --dtype float16 --backends torch   # on a GPU
 
 1. EmbedText at 1 and 32 callers (one connection per 32 callers): texts/s, p50,
    p99, mean text batch;
@@ -12,6 +13,10 @@
    the label cache);
 4. the image figures of bench/throughput.py's unary rows (1 and 32 callers) in the
    same run, as the control: they must stay within noise of docs/PERFORMANCE.md.
+
+With several --backends (default: torch and auto, that is ONNX Runtime for both towers
+on a CPU where installed), one server runs per backend, all started at once, and each
+row runs on every server in turn, so that they see the same machine state.
 
 With --dummy-weights the tokenizer is byte-level (one token per byte, see
 docs/PERFORMANCE.md): texts are about 3x more tokens than with CLIP's real BPE
@@ -29,7 +34,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -176,14 +181,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     texts = queries()
     flags = ["--model", args.model, "--device", args.device, "--dtype", args.dtype]
     flags += ["--max-batch-size", "32", "--max-queue-size", "1024"]
-    report: dict[str, object] = {
-        "model": args.model,
-        "device": args.device,
-        "dtype": args.dtype,
-        "seconds": args.seconds,
-        "rows": {},
-    }
-    rows: dict[str, dict[str, float]] = report["rows"]  # type: ignore[assignment]
+    backends: list[str] = args.backends
+    rows: dict[str, dict[str, dict[str, float]]] = {backend: {} for backend in backends}
+    classify: dict[str, dict[str, float]] = {}
+    runtimes: dict[str, str] = {}
     text_source = cycle([text.encode() for text in texts])
     image_source = cycle(images)
 
@@ -194,43 +195,95 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         request = pb.EmbedImageRequest(image=pb.Image(content=next(image_source)))
         return stub.EmbedImage(request, timeout=120)
 
-    async with ServerProcess(*flags) as server:
+    async with contextlib.AsyncExitStack() as stack:
+        servers = {
+            backend: await stack.enter_async_context(ServerProcess(*flags, "--backend", backend))
+            for backend in backends
+        }
+        for backend, server in servers.items():
+            runtimes[backend] = await text_runtime(server)
+
+        async def each(name: str, measure: Callable[[ServerProcess], Awaitable[object]]) -> None:
+            for backend, server in servers.items():
+                rows[backend][name] = await measure(server)  # type: ignore[assignment]
+                print(f"{backend}: {name}: {rows[backend][name]}", flush=True)
+
         for callers in (1, 32):
             name = f"EmbedText, {callers} caller{'s' if callers > 1 else ''}"
-            rows[name] = await unary_load(
-                server, callers, args.seconds, embed_text, "clipvision_text_batch_size"
+            await each(
+                name,
+                lambda server, c=callers: unary_load(  # type: ignore[misc]
+                    server, c, args.seconds, embed_text, "clipvision_text_batch_size"
+                ),
             )
-            print(name, rows[name])
-        rows["one EmbedTextStream"] = await text_stream(server, args.seconds)
-        print("one EmbedTextStream", rows["one EmbedTextStream"])
+        await each("one EmbedTextStream", lambda server: text_stream(server, args.seconds))
         for callers in (1, 32):
             name = f"EmbedImage, {callers} caller{'s' if callers > 1 else ''}"
-            rows[name] = await unary_load(
-                server, callers, args.seconds, embed_image, "clipvision_batch_size"
+            await each(
+                name,
+                lambda server, c=callers: unary_load(  # type: ignore[misc]
+                    server, c, args.seconds, embed_image, "clipvision_batch_size"
+                ),
             )
-            print(name, rows[name])
-        report["classify_10_labels"] = await classify_latency(server, images[0], args.classify)
-        print("Classify, 10 labels", report["classify_10_labels"])
-    return report
+        for backend, server in servers.items():
+            classify[backend] = await classify_latency(server, images[0], args.classify)
+            print(f"{backend}: Classify, 10 labels: {classify[backend]}", flush=True)
+    return {
+        "model": args.model,
+        "device": args.device,
+        "dtype": args.dtype,
+        "seconds": args.seconds,
+        "text_runtime": runtimes,
+        "rows": rows,
+        "classify_10_labels": classify,
+    }
 
 
-def print_table(report: dict[str, object]) -> None:
-    print(
-        f"\n{report['model']} (dummy weights), {report['dtype']} on {report['device']}, "
-        f"{report['seconds']} s per row"
-    )
-    print("| scenario | items/s | p50 ms | p99 ms | mean batch |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, row in report["rows"].items():  # type: ignore[attr-defined]
+async def text_runtime(server: ServerProcess) -> str:
+    """The runtime the server says runs its text tower (GetModelInfo)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        info = await pb_grpc.EmbeddingServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest())
+    return info.models[0].text_runtime
+
+
+def print_table(report: dict[str, Any]) -> None:
+    rows: dict[str, dict[str, dict[str, float]]] = report["rows"]
+    for backend, table in rows.items():
         print(
-            f"| {name} | {row['per_s']:.1f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} "
-            f"| {row['mean_batch']:.1f} |"
+            f"\n{report['model']} (dummy weights), {report['dtype']} on {report['device']}, "
+            f"{report['seconds']} s per row, --backend {backend} (text tower on "
+            f"{report['text_runtime'][backend]})"
         )
-    classify = report["classify_10_labels"]
-    print(
-        f"\nClassify, 10 labels, one caller: cold p50 {classify['cold_p50_ms']:.1f} ms, "  # type: ignore[index]
-        f"warm (label cache) p50 {classify['warm_p50_ms']:.1f} ms"  # type: ignore[index]
-    )
+        print("| scenario | items/s | p50 ms | p99 ms | mean batch |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for name, row in table.items():
+            print(
+                f"| {name} | {row['per_s']:.1f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} "
+                f"| {row['mean_batch']:.1f} |"
+            )
+        classify = report["classify_10_labels"][backend]
+        print(
+            f"\nClassify, 10 labels, one caller: cold p50 {classify['cold_p50_ms']:.1f} ms, "
+            f"warm (label cache) p50 {classify['warm_p50_ms']:.1f} ms"
+        )
+    names = list(rows)
+    if len(names) < 2:
+        return
+    base = names[0]
+    print(f"\nside by side: items/s of each backend over {base}'s, same row")
+    print("| scenario | " + " | ".join(f"{name} / {base}" for name in names[1:]) + " |")
+    print("| --- |" + " ---: |" * (len(names) - 1))
+    for scenario in rows[base]:
+        ratios = [
+            rows[name][scenario]["per_s"] / rows[base][scenario]["per_s"] for name in names[1:]
+        ]
+        print(f"| {scenario} | " + " | ".join(f"{ratio:.2f}" for ratio in ratios) + " |")
+    for name in names[1:]:
+        cold = report["classify_10_labels"][name]["cold_p50_ms"]
+        print(
+            f"Classify cold p50, {name} / {base}: "
+            f"{cold / report['classify_10_labels'][base]['cold_p50_ms']:.2f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--seconds", type=float, default=10.0, help="per scenario")
     parser.add_argument("--classify", type=int, default=10, help="Classify rounds (cold + warm)")
+    parser.add_argument(
+        "--backends",
+        type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+        default=["torch", "auto"],
+        help="the servers' --backend values, measured side by side",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "text.json")
     args = parser.parse_args(argv)
     report = asyncio.run(run(args))

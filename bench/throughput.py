@@ -39,7 +39,7 @@ import statistics
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,6 +80,28 @@ class Scenario:
     mean_batch: float | None = None
     ratio: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    rounds: list[float] = field(default_factory=list)
+    """images/s of each round, where the scenario ran more than once (see --rounds)."""
+
+
+def median_of(runs: list[Scenario]) -> Scenario:
+    """One scenario from its rounds: the median of each figure, and every round's images/s."""
+    if len(runs) == 1:
+        return runs[0]
+
+    def median(values: list[float | None]) -> float | None:
+        known = [value for value in values if value is not None]
+        return statistics.median(known) if known else None
+
+    rates = [run.images_per_s for run in runs]
+    return Scenario(
+        name=runs[0].name,
+        images_per_s=statistics.median(rates),
+        p50_ms=median([run.p50_ms for run in runs]),
+        p99_ms=median([run.p99_ms for run in runs]),
+        mean_batch=median([run.mean_batch for run in runs]),
+        rounds=rates,
+    )
 
 
 def make_jpegs() -> list[bytes]:
@@ -316,11 +338,90 @@ def server_flags(
     ]
 
 
+class Window:
+    """The measured part of a load: from ``warmup`` seconds after its start, for ``seconds``.
+
+    The load runs before and after it, so that what is counted is the server's steady
+    state, as the in-process ceiling's is (it starts timing with its queue full): not
+    the ramp-up (the first batches start with one image each, before the others are
+    decoded) nor the drain (the last batches shrink as the callers stop).
+    """
+
+    def __init__(
+        self,
+        server: ServerProcess,
+        warmup: float,
+        seconds: float,
+        probes: dict[str, Callable[[], float]] | None = None,
+    ) -> None:
+        self.server = server
+        self.opens = time.perf_counter() + warmup
+        self.closes = self.opens + seconds
+        self.latencies: list[float] = []
+        self.answered: list[float] = []
+        self.batches: list[tuple[float, float]] = []
+        # Readings taken when the window opens and closes (CPU times, say): see ``changes``.
+        self._probes = probes or {}
+        self._readings: list[dict[str, float]] = []
+
+    def record(self, sent: float, done: float, images: int = 1) -> None:
+        """One answer of ``images`` images, sent at ``sent``, received at ``done``."""
+        if self.opens <= done < self.closes:
+            self.latencies.append(done - sent)
+            self.answered.extend([done] * images)
+
+    @property
+    def changes(self) -> dict[str, float]:
+        """How much each probe's reading moved between the window's opening and its close."""
+        before, after = self._readings
+        return {name: after[name] - before[name] for name in self._probes}
+
+    def rate(self) -> float:
+        """Answers per second: the least-squares slope of the answers' count over time.
+
+        Answers arrive in bursts, a batch at a time, so counting those inside the window
+        is off by up to a batch (8 to 32 images: 5 to 25 % of a 12 s window on a CPU);
+        the slope of the staircase is the rate whatever the window's phase.
+        """
+        if len(self.answered) < 2:
+            return len(self.answered) / (self.closes - self.opens)
+        times = np.asarray(sorted(self.answered)) - self.opens
+        slope = np.polyfit(times, np.arange(len(times), dtype=np.float64), 1)[0]
+        return float(slope)
+
+    @property
+    def open(self) -> bool:
+        """Whether the load must go on: the window has not closed yet."""
+        return time.perf_counter() < self.closes
+
+    async def sample_batches(self) -> None:
+        """Read the batch-size histogram (and the probes) when the window opens and closes."""
+        for moment in (self.opens, self.closes):
+            await asyncio.sleep(max(0.0, moment - time.perf_counter()))
+            self._readings.append({name: probe() for name, probe in self._probes.items()})
+            self.batches.append(await asyncio.to_thread(self.server.batch_totals))
+
+    def scenario(self, name: str) -> Scenario:
+        (sum_before, count_before), (sum_after, count_after) = self.batches
+        return Scenario(
+            name=name,
+            images_per_s=self.rate(),
+            p50_ms=percentile(self.latencies, 50),
+            p99_ms=percentile(self.latencies, 99),
+            mean_batch=(sum_after - sum_before) / max(1.0, count_after - count_before),
+        )
+
+
 async def unary_load(
-    server: ServerProcess, images: list[bytes], callers: int, seconds: float, name: str
+    server: ServerProcess,
+    images: list[bytes],
+    callers: int,
+    seconds: float,
+    name: str,
+    warmup: float = 3.0,
 ) -> Scenario:
+    """``callers`` loops of EmbedImage; the images answered within the window, per second."""
     source = cycle(images)
-    latencies: list[float] = []
     # One connection per CALLERS_PER_CONNECTION callers, as separate client
     # processes would have: the server caps unary calls per connection (64).
     connections = -(-callers // CALLERS_PER_CONNECTION)
@@ -340,64 +441,50 @@ async def unary_load(
             await stubs[index % connections].EmbedImage(
                 pb.EmbedImageRequest(image=pb.Image(content=images[0]))
             )
-        before = server.batch_totals()
-        started = time.perf_counter()
-        deadline = started + seconds
+        window = Window(server, warmup, seconds)
 
         async def caller(stub: AsyncStub) -> None:
-            while time.perf_counter() < deadline:
+            while window.open:
                 request = pb.EmbedImageRequest(image=pb.Image(content=next(source)))
                 sent = time.perf_counter()
                 await stub.EmbedImage(request, timeout=120)
-                latencies.append(time.perf_counter() - sent)
+                window.record(sent, time.perf_counter())
 
-        await asyncio.gather(*(caller(stubs[index % connections]) for index in range(callers)))
-        elapsed = time.perf_counter() - started
-        after = server.batch_totals()
-    return Scenario(
-        name=name,
-        images_per_s=len(latencies) / elapsed,
-        p50_ms=percentile(latencies, 50),
-        p99_ms=percentile(latencies, 99),
-        mean_batch=(after[0] - before[0]) / max(1.0, after[1] - before[1]),
-    )
+        await asyncio.gather(
+            window.sample_batches(),
+            *(caller(stubs[index % connections]) for index in range(callers)),
+        )
+    return window.scenario(name)
 
 
 async def stream_load(
-    server: ServerProcess, images: list[bytes], seconds: float, name: str
+    server: ServerProcess, images: list[bytes], seconds: float, name: str, warmup: float = 3.0
 ) -> Scenario:
+    """One EmbedImageStream sent as fast as the server reads it; the window's answers per s."""
     source = cycle(images)
     sent_at: dict[str, float] = {}
-    latencies: list[float] = []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.EmbeddingServiceStub(channel)
         await stub.EmbedImage(pb.EmbedImageRequest(image=pb.Image(content=images[0])))
-        before = server.batch_totals()
-        started = time.perf_counter()
-        deadline = started + seconds
+        window = Window(server, warmup, seconds)
 
         async def requests() -> AsyncIterator[pb.EmbedImageStreamRequest]:
             index = 0
-            while time.perf_counter() < deadline:
+            while window.open:
                 sent_at[str(index)] = time.perf_counter()
                 yield pb.EmbedImageStreamRequest(
                     id=str(index), image=pb.Image(content=next(source))
                 )
                 index += 1
 
-        async for response in stub.EmbedImageStream(requests()):
-            if response.HasField("error"):
-                raise RuntimeError(f"stream item failed: {response.error.message}")
-            latencies.append(time.perf_counter() - sent_at.pop(response.id))
-        elapsed = time.perf_counter() - started
-        after = server.batch_totals()
-    return Scenario(
-        name=name,
-        images_per_s=len(latencies) / elapsed,
-        p50_ms=percentile(latencies, 50),
-        p99_ms=percentile(latencies, 99),
-        mean_batch=(after[0] - before[0]) / max(1.0, after[1] - before[1]),
-    )
+        async def answers() -> None:
+            async for response in stub.EmbedImageStream(requests()):
+                if response.HasField("error"):
+                    raise RuntimeError(f"stream item failed: {response.error.message}")
+                window.record(sent_at.pop(response.id), time.perf_counter())
+
+        await asyncio.gather(window.sample_batches(), answers())
+    return window.scenario(name)
 
 
 # -- the run -------------------------------------------------------------------
@@ -455,23 +542,40 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     served_by = {backend: encoder.backend for backend, encoder in encoders.items()}
     print("in-process backends: " + ", ".join(f"{b} -> {e}" for b, e in served_by.items()))
 
-    # Every step runs for each backend in turn, so that they see the same machine state.
-    best = {backend: (0.0, 0) for backend in backends}
-    for batch_size in args.ceiling_batches:
-        for backend, encoder in encoders.items():
-            rate = ceiling(encoder, images, batch_size, seconds, workers)
-            print(f"{backend}: ceiling at batch {batch_size}: {rate:.2f} images/s")
-            if rate > best[backend][0]:
-                best[backend] = (rate, batch_size)
-    results: dict[str, list[Scenario]] = {
-        backend: [
-            Scenario("ceiling (in-process)", best[backend][0], mean_batch=float(best[backend][1]))
+    # Every step runs for each backend in turn, so that they see the same machine state;
+    # with --rounds, every step is repeated, the backends' order reversed each round, and
+    # each figure is the median of its rounds (a shared machine's speed drifts by 20 %).
+    rounds: int = args.rounds
+
+    def in_turn(round_: int) -> list[str]:
+        return backends if round_ % 2 == 0 else backends[::-1]
+
+    rates: dict[tuple[str, int], list[float]] = {}
+    for round_ in range(rounds):
+        for batch_size in args.ceiling_batches:
+            for backend in in_turn(round_):
+                rate = ceiling(encoders[backend], images, batch_size, seconds, workers)
+                rates.setdefault((backend, batch_size), []).append(rate)
+                print(f"{backend}: ceiling at batch {batch_size}: {rate:.2f} images/s")
+    results: dict[str, list[Scenario]] = {}
+    best: dict[str, tuple[float, int]] = {}
+    for backend in backends:
+        batch_size = max(args.ceiling_batches, key=lambda b: statistics.median(rates[(backend, b)]))
+        ceiling_rounds = rates[(backend, batch_size)]
+        best[backend] = (statistics.median(ceiling_rounds), batch_size)
+        results[backend] = [
+            Scenario(
+                "ceiling (in-process)",
+                best[backend][0],
+                mean_batch=float(batch_size),
+                rounds=ceiling_rounds if rounds > 1 else [],
+            )
         ]
-        for backend in backends
-    }
     for backend in backends:
         async with ServerProcess(*server_flags(args, 1, backend)) as naive:
-            scenario = await unary_load(naive, images, 32, seconds, "naive, batch 1, 32 callers")
+            scenario = await unary_load(
+                naive, images, 32, seconds, "naive, batch 1, 32 callers", args.warmup
+            )
             results[backend].append(scenario)
     latency: dict[str, dict[str, float]] = {}
     async with contextlib.AsyncExitStack() as stack:
@@ -481,15 +585,22 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             )
             for backend in backends
         }
-        for callers in args.callers:
-            name = f"unary, {callers} caller{'s' if callers > 1 else ''}"
-            for backend, server in servers.items():
-                results[backend].append(await unary_load(server, images, callers, seconds, name))
-                print(f"{backend}: {name}: {results[backend][-1].images_per_s:.2f} images/s")
-        for backend, server in servers.items():
-            results[backend].append(
-                await stream_load(server, images, seconds, "one EmbedImageStream")
-            )
+        names = [f"unary, {c} caller{'s' if c > 1 else ''}" for c in args.callers]
+        names.append("one EmbedImageStream")
+        runs: dict[tuple[str, str], list[Scenario]] = {}
+        for round_ in range(rounds):
+            for callers, name in zip([*args.callers, 0], names, strict=True):
+                for backend in in_turn(round_):
+                    server = servers[backend]
+                    scenario = await (
+                        unary_load(server, images, callers, seconds, name, args.warmup)
+                        if callers
+                        else stream_load(server, images, seconds, name, args.warmup)
+                    )
+                    runs.setdefault((backend, name), []).append(scenario)
+                    print(f"{backend}: {name}: {scenario.images_per_s:.2f} images/s")
+        for backend in backends:
+            results[backend].extend(median_of(runs[(backend, name)]) for name in names)
         for backend, server in servers.items():
             latency[backend] = await interleaved_latency(
                 server, encoders[backend], images, 16 if args.quick else 48
@@ -532,6 +643,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "preprocess_workers": workers,
         "machine": platform.processor() or platform.machine(),
         "seconds_per_scenario": seconds,
+        "rounds": rounds,
         "neighbour": args.neighbour,
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         # The first backend's figures, where single-backend runs have always put them.
@@ -553,6 +665,10 @@ def print_backend(report: dict[str, Any], title: str) -> None:
             f"| {s['name']:<30} | {s['images_per_s']:8.2f} | {p50:>6} | {p99:>6} "
             f"| {batch:>10} | {s['ratio']:9.2f} |"
         )
+    for s in report["scenarios"]:
+        if s.get("rounds"):
+            rounds = ", ".join(f"{rate:.2f}" for rate in s["rounds"])
+            print(f"{s['name']}: images/s by round {rounds} (median above)")
     latency = report["one_image_latency_ms"]
     print(
         f"\none image at a time, interleaved: in-process (decode + preprocess + forward) "
@@ -615,7 +731,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=None, help="forward-pass threads (default: the server's)"
     )
-    parser.add_argument("--seconds", type=float, default=12.0, help="per scenario")
+    parser.add_argument(
+        "--seconds", type=float, default=12.0, help="per scenario (the measured window)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=3.0,
+        help="seconds of load before each server scenario's window opens (steady state)",
+    )
     parser.add_argument(
         "--callers", type=lambda t: [int(x) for x in t.split(",")], default=[1, 8, 32, 128]
     )
@@ -633,6 +757,13 @@ def main(argv: list[str] | None = None) -> int:
         "--neighbour",
         action="store_true",
         help="run a busy process on one core throughout (a noisy neighbour)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat the ceiling and the server scenarios, alternating the backends' order; "
+        "each figure is the median of its rounds",
     )
     parser.add_argument("--quick", action="store_true", help="3 s per scenario, fewer batches")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "throughput.json")
