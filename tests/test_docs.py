@@ -16,6 +16,10 @@ The convention, for whoever writes the docs:
   language (Go, Java, PromQL...) must carry it. Skipped blocks are still checked where a
   tool exists: Python is compiled and checked for undefined names (ruff's pyflakes rules),
   shell by ``bash -n``, JavaScript by ``node --check``, Go by ``gofmt``.
+- A Python block marked ``<!-- doc-test: kserve -->`` runs with the interpreter that
+  ``CLIPVISION_KSERVE_PYTHON`` names (``scripts/test`` makes one: kserve pins protobuf<7,
+  clipvision's client needs 7, so they cannot share an environment); without it the block
+  is skipped, saying so.
 - Exactly one block is marked ``<!-- doc-test: server -->``: the ``scripts/serve`` line that
   starts the server the other blocks talk to. This test starts ``clipvision-server`` with
   the same flags, once for the module, on free ports; every block has the addresses that
@@ -50,12 +54,13 @@ ROOT = Path(__file__).parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 RUN = {"bash", "sh", "console", "python", "js"}
 PLAIN = {"text", "json", "jsonl", "yaml"}
-MARKER = re.compile(r"<!--\s*doc-test:\s*(?P<kind>skip|server)\b\s*(?P<reason>.*?)\s*-->")
+MARKER = re.compile(r"<!--\s*doc-test:\s*(?P<kind>skip|server|kserve)\b\s*(?P<reason>.*?)\s*-->")
 FENCE = re.compile(r"^(?P<indent> *)(?P<fence>`{3,}|~{3,})\s*(?P<lang>[^\s`]*)")
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 BLOCK_TIMEOUT = 90.0
 START_TIMEOUT = 120.0
 NODE_MODULES = ROOT / "tests" / "node" / "node_modules"
+KSERVE_PYTHON = os.environ.get("CLIPVISION_KSERVE_PYTHON")
 # Python examples are fed line by line to the interactive interpreter, as a reader pastes
 # them into `python`; the first traceback ends the run with status 1.
 PASTE_INTO_PYTHON = """
@@ -87,7 +92,7 @@ class Block:
     lang: str
     code: str
     marker: str | None
-    """``skip``, ``server`` or None."""
+    """``skip``, ``server``, ``kserve`` or None."""
     reason: str
 
     @property
@@ -97,7 +102,7 @@ class Block:
 
     @property
     def runs(self) -> bool:
-        return self.lang in RUN and self.marker is None
+        return self.lang in RUN and self.marker in (None, "kserve")
 
 
 def parse_blocks(doc: Path) -> list[Block]:
@@ -294,7 +299,9 @@ class Workspace:
             code = code.replace(named, real)
         stdin: str | None = None
         if block.lang == "python":
-            argv, stdin = [sys.executable, "-c", PASTE_INTO_PYTHON], code
+            python = KSERVE_PYTHON if block.marker == "kserve" else sys.executable
+            assert python is not None, f"{block.name} needs CLIPVISION_KSERVE_PYTHON"
+            argv, stdin = [python, "-c", PASTE_INTO_PYTHON], code
         elif block.lang == "js":
             script = self.directory / f"example-{block.line}.mjs"
             script.write_text(code)
@@ -346,6 +353,8 @@ def test_every_block_names_its_language_and_runs_or_says_why_not() -> None:
             problems.append(f"{block.name}: say why the block is skipped")
         elif block.lang not in RUN | PLAIN and block.marker != "skip":
             problems.append(f"{block.name}: cannot run here; mark it <!-- doc-test: skip WHY -->")
+        elif block.marker == "kserve" and block.lang != "python":
+            problems.append(f"{block.name}: only python blocks run with kserve's interpreter")
     servers = [block.name for block in BLOCKS if block.marker == "server"]
     if len(servers) != 1:
         problems.append(f"exactly one block must be marked doc-test: server, not {servers}")
@@ -413,6 +422,8 @@ def test_block_runs(block: Block, workspaces: dict[Path, Workspace]) -> None:
             pytest.skip("Node.js is not installed; js examples need the node command")
         if not NODE_MODULES.is_dir():
             pytest.fail("tests/node has no node_modules; run: npm ci --prefix tests/node")
+    if block.marker == "kserve" and KSERVE_PYTHON is None:
+        pytest.skip("needs CLIPVISION_KSERVE_PYTHON: a Python with kserve (scripts/test makes one)")
     workspaces[block.doc].run(block)
 
 

@@ -433,7 +433,7 @@ KSERVE_PYTHON = os.environ.get("CLIPVISION_KSERVE_PYTHON")
 @pytest.mark.skipif(
     KSERVE_PYTHON is None,
     reason="kserve pins protobuf<7 (ours is 7): set CLIPVISION_KSERVE_PYTHON to a Python "
-    "with kserve installed to run it",
+    "with kserve installed to run it (scripts/test makes .venv-kserve and sets it)",
 )
 async def test_kserve_client_infer_equals_embed_images(
     server_channel: Pair, images: list[Path]
