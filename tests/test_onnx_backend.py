@@ -119,16 +119,19 @@ def test_other_weights_get_another_cache_entry(vision_dir: Path, tmp_path: Path)
     assert key(other) != key(vision_dir)
 
 
+def damage_weights(path: Path) -> None:
+    """Make a cache entry's weights go bad (disk, a hand edit): it loads, but computes wrong."""
+    weights = path.with_name(path.name + ".data")
+    damaged = np.frombuffer(weights.read_bytes(), dtype=np.float32) * np.float32(1.01)
+    weights.write_bytes(damaged.tobytes())
+
+
 async def test_an_inexact_export_is_refused_and_torch_serves_exactly(
     base_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     vision_dir = Path(next(s.source for s in base_settings.models if s.name == "tiny-vision"))
     checkpoint = cpu_checkpoint(vision_dir)
-    # A cache entry whose weights went bad (disk, a hand edit): it loads, but computes wrong.
-    path = onnx_backend.cached_model(onnx_backend.image_graph(checkpoint), tmp_path)
-    weights = path.with_name(path.name + ".data")
-    damaged = np.frombuffer(weights.read_bytes(), dtype=np.float32) * np.float32(1.01)
-    weights.write_bytes(damaged.tobytes())
+    damage_weights(onnx_backend.cached_model(onnx_backend.image_graph(checkpoint), tmp_path))
 
     settings = settings_with(
         base_settings,
@@ -256,10 +259,7 @@ async def test_an_inexact_text_export_is_refused_and_torch_serves_texts_exactly(
 ) -> None:
     tower = cpu_checkpoint(clip_dir).text
     assert tower is not None
-    path = onnx_backend.cached_model(onnx_backend.text_graph(tower), tmp_path)
-    weights = path.with_name(path.name + ".data")
-    damaged = np.frombuffer(weights.read_bytes(), dtype=np.float32) * np.float32(1.01)
-    weights.write_bytes(damaged.tobytes())
+    damage_weights(onnx_backend.cached_model(onnx_backend.text_graph(tower), tmp_path))
 
     settings = settings_with(
         base_settings,
