@@ -119,6 +119,16 @@ def test_other_weights_get_another_cache_entry(vision_dir: Path, tmp_path: Path)
     assert key(other) != key(vision_dir)
 
 
+def onnx_only(base: Settings, model: str, cache_dir: Path) -> Settings:
+    """Serve ``model`` alone with --backend onnxruntime and its ONNX cache in ``cache_dir``."""
+    return settings_with(
+        base,
+        models=tuple(s for s in base.models if s.name == model),
+        backend="onnxruntime",
+        onnx_cache_dir=str(cache_dir),
+    )
+
+
 def damage_weights(path: Path) -> None:
     """Make a cache entry's weights go bad (disk, a hand edit): it loads, but computes wrong."""
     weights = path.with_name(path.name + ".data")
@@ -133,12 +143,7 @@ async def test_an_inexact_export_is_refused_and_torch_serves_exactly(
     checkpoint = cpu_checkpoint(vision_dir)
     damage_weights(onnx_backend.cached_model(onnx_backend.image_graph(checkpoint), tmp_path))
 
-    settings = settings_with(
-        base_settings,
-        models=tuple(s for s in base_settings.models if s.name == "tiny-vision"),
-        backend="onnxruntime",
-        onnx_cache_dir=str(tmp_path),
-    )
+    settings = onnx_only(base_settings, "tiny-vision", tmp_path)
     with caplog.at_level(logging.WARNING, logger="clipvision.server.backends"):
         served_by, features = await embed_photos(settings, "tiny-vision")
 
@@ -261,12 +266,7 @@ async def test_an_inexact_text_export_is_refused_and_torch_serves_texts_exactly(
     assert tower is not None
     damage_weights(onnx_backend.cached_model(onnx_backend.text_graph(tower), tmp_path))
 
-    settings = settings_with(
-        base_settings,
-        models=tuple(s for s in base_settings.models if s.name == "tiny"),
-        backend="onnxruntime",
-        onnx_cache_dir=str(tmp_path),
-    )
+    settings = onnx_only(base_settings, "tiny", tmp_path)
     with caplog.at_level(logging.WARNING, logger="clipvision.server.backends"):
         info, features = await embed_texts(settings)
 
