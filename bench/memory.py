@@ -23,6 +23,10 @@ and whether the peak stayed below the limit and the after-load RSS within
       bystander on another making unary calls with a normal photo: its statuses
       and latencies
   f   a mixed legitimate load: unary, EmbedImages and a stream of tests/data photos
+  g   load a with 128 streams, as many as --max-streams admits: each holds a message
+      it has read and the memory budget has not yet admitted
+  h   64 unary calls at once on one connection (the gate's limit per connection), each
+      one such JPEG, twice over
 
 Every load is bounded in count and time and stops by itself; only 127.0.0.1 is
 used. Input images are made once and cached under bench/results/memory-inputs/.
@@ -72,7 +76,7 @@ MIB = 1024 * 1024
 # 7300 x 5475 = 39,967,500 pixels: just under the default --max-image-pixels.
 BIG = (7300, 5475)
 MAX_IMAGE_BYTES = 20 * MIB
-ALL_LOADS = ("a", "b", "b8", "c1", "c2", "d", "e", "f")
+ALL_LOADS = ("a", "b", "b8", "c1", "c2", "d", "e", "f", "g", "h")
 # Where the server has a byte limit of its own this large, the gRPC client must send it.
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
@@ -400,6 +404,24 @@ async def load_a(target: str, scale: float, limit: float, outcome: Outcome) -> N
     await load_streams(target, data, 16, count(16, scale), limit, outcome)
 
 
+async def load_g(target: str, scale: float, limit: float, outcome: Outcome) -> None:
+    # As many streams as --max-streams lets in (128), each on a connection of its own:
+    # every stream has a message read and waiting for admission.
+    data = cached("noise-40mpx.jpg", noise_jpeg)
+    await load_streams(target, data, 128, count(2, scale), limit, outcome)
+
+
+async def load_h(target: str, scale: float, limit: float, outcome: Outcome) -> None:
+    # As many unary calls as one connection may have (64), each one 40 Mpx JPEG, all at
+    # once, twice over: the gate reads every message in full before the budget can say
+    # no. (256 at once, the server's limit, took 15 GB in this client alone.)
+    image = pb.Image(content=cached("noise-40mpx.jpg", noise_jpeg))
+    async with channel(target) as chan:
+        stub: AsyncStub = pb_grpc.EmbeddingServiceStub(chan)
+        for _ in range(count(2, scale)):
+            await asyncio.gather(*(unary(stub, image, outcome, limit) for _ in range(64)))
+
+
 async def load_b(target: str, scale: float, limit: float, outcome: Outcome) -> None:
     data = cached("gradient-40mpx-rgba.png", gradient_rgba_png)
     await load_streams(target, data, 4, count(16, scale), limit, outcome)
@@ -532,6 +554,8 @@ LOADS: dict[str, tuple[str, Callable[[str, float, float, Outcome], Awaitable[Non
     "d": ("one 63 MB data: URI", load_d),
     "e": ("4 streams of 40 Mpx palette PNGs + bystander", load_e),
     "f": ("mixed legitimate load (photos)", load_f),
+    "g": ("128 streams of 40 Mpx JPEGs (~20 MB)", load_g),
+    "h": ("64 unary calls at once of a 40 Mpx JPEG (~20 MB)", load_h),
 }
 
 
