@@ -27,6 +27,7 @@ and whether the peak stayed below the limit and the after-load RSS within
       it has read and the memory budget has not yet admitted
   h   64 unary calls at once on one connection (the gate's limit per connection), each
       one such JPEG, twice over
+      (g and h run only when named in --loads: they pass the limit, see SECURITY.md)
 
 Every load is bounded in count and time and stops by itself; only 127.0.0.1 is
 used. Input images are made once and cached under bench/results/memory-inputs/.
@@ -77,6 +78,10 @@ MIB = 1024 * 1024
 BIG = (7300, 5475)
 MAX_IMAGE_BYTES = 20 * MIB
 ALL_LOADS = ("a", "b", "b8", "c1", "c2", "d", "e", "f", "g", "h")
+# g and h pass the limit until the gate reads a message only with room for it (g peaked at
+# 10.7 GiB against 4 GiB), so they run only when named: a default run must not take the
+# host's memory.
+DEFAULT_LOADS = ("a", "b", "b8", "c1", "c2", "d", "e", "f")
 # Where the server has a byte limit of its own this large, the gRPC client must send it.
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),
@@ -752,8 +757,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--loads",
         type=lambda text: text.split(","),
-        default=list(ALL_LOADS),
-        help=f"comma-separated, from {','.join(ALL_LOADS)}",
+        default=list(DEFAULT_LOADS),
+        help=f"comma-separated, from {','.join(ALL_LOADS)} (default: all but g and h)",
     )
     parser.add_argument(
         "--limit", type=parse_bytes, default=4 * 1024 * MIB, help="the container limit (4GiB)"

@@ -289,7 +289,10 @@ class Workspace:
         """Run ``block``, after any earlier block of its document not yet run."""
         for earlier in BLOCKS:
             same_doc = earlier.doc == block.doc and earlier.line < block.line
-            if same_doc and earlier.runs and earlier not in self.done:
+            # A kserve block without kserve's interpreter is skipped, and nothing after it
+            # depends on it (each of them starts its own client).
+            skipped = earlier.marker == "kserve" and KSERVE_PYTHON is None
+            if same_doc and earlier.runs and not skipped and earlier not in self.done:
                 self.execute(earlier, before=block)
         self.execute(block)
 
