@@ -59,7 +59,7 @@ def make(path: Path, side: int, mode: str, fmt: str, params: dict[str, object]) 
 
 
 def measure(path: str) -> None:
-    from clipvision.server.preprocess import (
+    from clipvision.server.runtime.preprocess import (
         ClipPreprocessor,
         ImageLimits,
         PreprocessConfig,

@@ -62,7 +62,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from PIL import Image
 
-from clipvision.server.allocator import MemoryTrimmer, configure_allocator
+from clipvision.server.resources.allocator import MemoryTrimmer, configure_allocator
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from clipvision.server.app import ClipVisionServer, create_server
-from clipvision.server.settings import ModelSpec, Settings
+from clipvision.server.config.settings import ModelSpec, Settings
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.checkpoints import build_clip_model, build_vision_model
 from tests.pki import Pki, build_pki

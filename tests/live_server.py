@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from clipvision.server.app import ClipVisionServer, create_server
-from clipvision.server.settings import Settings
+from clipvision.server.config.settings import Settings
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clipvision.server.app import create_server
-from clipvision.server.settings import Settings, TlsFiles
+from clipvision.server.config.settings import Settings, TlsFiles
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import photo_bytes, running_server, settings_with

@@ -25,10 +25,10 @@ from grpc_status import rpc_status
 from PIL import Image
 from prometheus_client import generate_latest
 
-from clipvision.server import servicer
-from clipvision.server.encoder import ClipImageEncoder
-from clipvision.server.preprocess import ProbedImage, UInt8Array
-from clipvision.server.settings import Settings
+from clipvision.server.api import embedding_service as servicer
+from clipvision.server.config.settings import Settings
+from clipvision.server.runtime.image_encoder import ClipImageEncoder
+from clipvision.server.runtime.preprocess import ProbedImage, UInt8Array
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import photo_bytes, settings_with

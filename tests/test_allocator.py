@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from clipvision.server import allocator
-from clipvision.server.allocator import MIB, MemoryTrimmer, configure_allocator
+from clipvision.server.resources import allocator
+from clipvision.server.resources.allocator import MIB, MemoryTrimmer, configure_allocator
 
 pytestmark = pytest.mark.skipif(allocator.glibc() is None, reason="glibc only")
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(allocator.glibc() is None, reason="glibc only")
 MMAP_PROBE = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-from clipvision.server.allocator import configure_allocator, glibc
+from clipvision.server.resources.allocator import configure_allocator, glibc
 applied = configure_allocator(mmap_threshold=1 << 20, trim_threshold=32 << 20)
 libc = glibc()
 big = bytearray(16 << 20)
@@ -43,7 +43,7 @@ print(json.dumps({"applied": applied, "2MiB": mapped(2 << 20), "512KiB": mapped(
 # "trim" a MemoryTrimmer thread runs; the probe waits up to 5 s for the RSS to fall.
 THREAD_PROBE = """
 import json, sys, time
-from clipvision.server.allocator import MemoryTrimmer
+from clipvision.server.resources.allocator import MemoryTrimmer
 
 def rss():
     with open("/proc/self/statm") as statm:
@@ -69,7 +69,7 @@ print(json.dumps({"idle": idle, "peak": peak, "after": after}))
 # only by a reference cycle, which no collection frees until one is forced.
 STEPS_PROBE = """
 import gc, json, time
-from clipvision.server.allocator import MemoryTrimmer
+from clipvision.server.resources.allocator import MemoryTrimmer
 
 def rss():
     with open("/proc/self/statm") as statm:
@@ -97,7 +97,7 @@ print(json.dumps(steps))
 # start() freezes what is alive (process-wide), so this runs in a child too.
 STOP_PROBE = """
 import gc, json, threading, time
-from clipvision.server.allocator import MemoryTrimmer
+from clipvision.server.resources.allocator import MemoryTrimmer
 
 def running():
     return any(thread.name == "clipvision-trim" for thread in threading.enumerate())

@@ -22,9 +22,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from PIL import Image
 
-from clipvision.server.encoder import ClipImageEncoder
-from clipvision.server.preprocess import UInt8Array
-from clipvision.server.settings import Settings
+from clipvision.server.config.settings import Settings
+from clipvision.server.runtime.image_encoder import ClipImageEncoder
+from clipvision.server.runtime.preprocess import UInt8Array
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import photo_bytes, running_server, settings_with

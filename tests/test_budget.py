@@ -15,22 +15,27 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipvision.server import preprocess
-from clipvision.server.admission import FairPool, ItemCost, MemoryBudget
-from clipvision.server.batcher import MicroBatcher
-from clipvision.server.dispatch import FairDispatcher
-from clipvision.server.encoder import FloatArray
+from clipvision.server.api.embedding_service import caller_of
+from clipvision.server.config.flags import parse_settings
 from clipvision.server.errors import InvalidImageError, OverloadedError, Reason
-from clipvision.server.flags import parse_settings
-from clipvision.server.memory import MIN_BUDGET, byte_size, container_limit, default_budget
-from clipvision.server.preprocess import (
+from clipvision.server.resources.admission import FairPool, ItemCost, MemoryBudget
+from clipvision.server.resources.dispatch import FairDispatcher
+from clipvision.server.resources.memory import (
+    MIN_BUDGET,
+    byte_size,
+    container_limit,
+    default_budget,
+)
+from clipvision.server.runtime import preprocess
+from clipvision.server.runtime.batcher import MicroBatcher
+from clipvision.server.runtime.image_encoder import FloatArray
+from clipvision.server.runtime.preprocess import (
     ImageLimits,
     PreprocessConfig,
     UInt8Array,
     decode_working_set,
     probe_image,
 )
-from clipvision.server.servicer import caller_of
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from clipvision.server.checkpoint import load_checkpoint, resolve_device, resolve_dtype
+from clipvision.server.config.settings import ModelSpec
 from clipvision.server.errors import CheckpointError
-from clipvision.server.settings import ModelSpec
+from clipvision.server.runtime.checkpoint import load_checkpoint, resolve_device, resolve_dtype
 
 CPU = torch.device("cpu")
 

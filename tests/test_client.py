@@ -31,7 +31,7 @@ from clipvision.client import (
     PermissionDeniedError,
     UnavailableError,
 )
-from clipvision.server.settings import Settings
+from clipvision.server.config.settings import Settings
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import encode, photo_bytes

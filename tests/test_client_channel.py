@@ -16,7 +16,7 @@ from clipvision.client import (
     UnauthenticatedError,
     UnavailableError,
 )
-from clipvision.server.settings import ModelSpec, Settings, TlsFiles
+from clipvision.server.config.settings import ModelSpec, Settings, TlsFiles
 from clipvision.v1 import embedding_service_pb2 as pb
 from tests.conftest import photo_bytes, settings_with
 from tests.live_server import LiveServer, live_server

@@ -22,7 +22,7 @@ from PIL import Image
 
 from clipvision.client import AsyncEmbeddingClient
 from clipvision.client._store import EmbeddingStore
-from clipvision.server.settings import Settings
+from clipvision.server.config.settings import Settings
 from tests.conftest import encode, photo_bytes
 from tests.live_server import LiveServer, live_server
 

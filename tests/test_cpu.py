@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from clipvision.server.cpu import affinity_count, cgroup_cpu_quota, cpu_budget
+from clipvision.server.config.cpu import affinity_count, cgroup_cpu_quota, cpu_budget
 
 
 def write(path: Path, text: str) -> None:

@@ -15,10 +15,10 @@ from typing import Any
 
 import yaml
 
-from clipvision.server.flags import build_parser, parse_settings
-from clipvision.server.healthcheck import main as healthcheck
-from clipvision.server.healthcheck import probe_target
-from clipvision.server.settings import Settings
+from clipvision.server.config.flags import build_parser, parse_settings
+from clipvision.server.config.settings import Settings
+from clipvision.server.ops.healthcheck import main as healthcheck
+from clipvision.server.ops.healthcheck import probe_target
 from tests.live_server import live_server
 
 ROOT = Path(__file__).parent.parent

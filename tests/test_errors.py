@@ -11,8 +11,8 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from clipvision.server.app import ClipVisionServer
-from clipvision.server.encoder import ClipImageEncoder
-from clipvision.server.settings import Settings
+from clipvision.server.config.settings import Settings
+from clipvision.server.runtime.image_encoder import ClipImageEncoder
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import photo_bytes, running_server, settings_with

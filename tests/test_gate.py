@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from clipvision.server.app import ClipVisionServer, create_server
-from clipvision.server.settings import Settings
+from clipvision.server.config.settings import Settings
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import photo_bytes, running_server, settings_with
@@ -68,7 +68,7 @@ async def _bystander_ok(channel: grpc.aio.Channel) -> None:
 
 async def test_a_path_that_is_not_utf8_makes_the_process_exit_at_once(clip_dir: Path) -> None:
     # grpcio's serving loop dies on such a path and the process is not safe to go on with
-    # (see clipvision/server/listener.py): it must exit non-zero so its supervisor restarts it.
+    # (see clipvision/server/wire/listener.py): it must exit non-zero so its supervisor restarts it.
     async with server_process("--model", f"tiny={clip_dir}", "--device", "cpu") as server:
         port = int((await server.wait_for(r"listening on 127\.0\.0\.1:(\d+)")).group(1))
         await server.wait_for(r"serving tiny")
@@ -126,7 +126,7 @@ async def test_refusals_are_logged_at_a_bounded_rate(
     base_settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with running_server(base_settings) as (server, _):
-        caplog.set_level(logging.INFO, logger="clipvision.server.gate")
+        caplog.set_level(logging.INFO, logger="clipvision.server.wire.gate")
         async with await WireConnection.open(_port(server)) as wire:
             ids = []
             for _ in range(100):
@@ -135,7 +135,7 @@ async def test_refusals_are_logged_at_a_bounded_rate(
                 ids.append(stream_id)
             await wire.flush()
             await wire.results(ids, timeout_s=20)
-        lines = [r for r in caplog.records if r.name == "clipvision.server.gate"]
+        lines = [r for r in caplog.records if r.name == "clipvision.server.wire.gate"]
         assert 1 <= len(lines) <= 10
         method = f"{SERVICE}/GetModelInfo"
         assert _refused(server, method, "INVALID_ARGUMENT", "REQUEST_MALFORMED") == 100

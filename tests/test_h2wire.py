@@ -9,7 +9,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
 
-from clipvision.server.settings import Settings
+from clipvision.server.config.settings import Settings
 from clipvision.v1 import embedding_service_pb2 as pb
 from tests.conftest import settings_with
 from tests.h2wire import WireConnection, grpc_message, split_messages

@@ -14,10 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from clipvision.server import checkpoint as checkpoint_module
-from clipvision.server import models
-from clipvision.server.checkpoint import Checkpoint
-from clipvision.server.settings import Settings
+from clipvision.server.config.settings import Settings
+from clipvision.server.runtime import checkpoint as checkpoint_module
+from clipvision.server.runtime import models
+from clipvision.server.runtime.checkpoint import Checkpoint
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import photo_bytes, running_server, settings_with

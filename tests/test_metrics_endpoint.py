@@ -15,13 +15,13 @@ import pytest
 from prometheus_client import start_http_server
 
 from clipvision.server.app import ClipVisionServer
-from clipvision.server.metrics_http import (
+from clipvision.server.config.settings import Settings
+from clipvision.server.ops.metrics_http import (
     ACCEPT_BATCH,
     HEADER_TIMEOUT_S,
     MAX_CONNECTIONS,
     MAX_HEAD_BYTES,
 )
-from clipvision.server.settings import Settings
 from tests.conftest import running_server, settings_with
 from tests.scrape import scrape, value
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from clipvision.server.settings import Settings
+from clipvision.server.config.settings import Settings
 from tests.live_server import LiveServer, live_server
 
 ROOT = Path(__file__).parent.parent
@@ -89,7 +89,7 @@ def _as_client_only_install(module: str, *argv: str) -> tuple[int, str]:
     [
         ("clipvision-server", "clipvision.server.cli", ["--model", "ViT-B/32"]),
         ("clipvision-server", "clipvision.server.cli", ["--help"]),
-        ("clipvision-healthcheck", "clipvision.server.healthcheck", []),
+        ("clipvision-healthcheck", "clipvision.server.ops.healthcheck", []),
     ],
 )
 def test_server_commands_without_the_server_extra_say_what_to_install(

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from clipvision.server.app import connection_options
-from clipvision.server.calls import request_id_from
-from clipvision.server.flags import parse_settings
-from clipvision.server.logs import JsonFormatter
-from clipvision.server.metrics import DeviceMemoryCollector, ServerMetrics
-from clipvision.server.settings import Settings
+from clipvision.server.config.flags import parse_settings
+from clipvision.server.config.settings import Settings
+from clipvision.server.ops.calls import request_id_from
+from clipvision.server.ops.logs import JsonFormatter
+from clipvision.server.ops.metrics import DeviceMemoryCollector, ServerMetrics
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import encode, photo_bytes, settings_with
@@ -103,7 +103,7 @@ async def test_trailing_metadata_carries_timings_and_the_callers_request_id(
 async def test_a_failed_call_logs_one_line_with_its_request_id(
     live: LiveServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="clipvision.server.interceptors")
+    caplog.set_level(logging.INFO, logger="clipvision.server.wire.interceptors")
     async with grpc.aio.insecure_channel(live.address) as channel:
         stub = pb_grpc.EmbeddingServiceStub(channel)
         call = stub.EmbedImage(

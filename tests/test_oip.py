@@ -26,11 +26,11 @@ from PIL import Image
 
 from clipvision.inference_v2 import grpc_service_pb2 as oip
 from clipvision.inference_v2 import grpc_service_pb2_grpc as oip_grpc
+from clipvision.server.api.inference_service import split_bytes
 from clipvision.server.app import ClipVisionServer
-from clipvision.server.encoder import ClipImageEncoder, FloatArray
-from clipvision.server.oip_servicer import split_bytes
-from clipvision.server.preprocess import UInt8Array
-from clipvision.server.settings import Settings
+from clipvision.server.config.settings import Settings
+from clipvision.server.runtime.image_encoder import ClipImageEncoder, FloatArray
+from clipvision.server.runtime.preprocess import UInt8Array
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import encode, photo_bytes, running_server, settings_with

@@ -12,12 +12,12 @@ import torch
 from PIL import Image, ImageOps
 from transformers import CLIPImageProcessorPil, CLIPModel, CLIPVisionModelWithProjection
 
-from clipvision.server import onnx_backend
-from clipvision.server.backends import choose_backend
-from clipvision.server.checkpoint import Checkpoint, load_checkpoint
+from clipvision.server.config.flags import parse_settings
+from clipvision.server.config.settings import ModelSpec, Settings
 from clipvision.server.errors import CheckpointError
-from clipvision.server.flags import parse_settings
-from clipvision.server.settings import ModelSpec, Settings
+from clipvision.server.runtime import onnx_backend
+from clipvision.server.runtime.backends import choose_backend
+from clipvision.server.runtime.checkpoint import Checkpoint, load_checkpoint
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.checkpoints import build_vision_model
@@ -144,7 +144,7 @@ async def test_an_inexact_export_is_refused_and_torch_serves_exactly(
     damage_weights(onnx_backend.cached_model(onnx_backend.image_graph(checkpoint), tmp_path))
 
     settings = onnx_only(base_settings, "tiny-vision", tmp_path)
-    with caplog.at_level(logging.WARNING, logger="clipvision.server.backends"):
+    with caplog.at_level(logging.WARNING, logger="clipvision.server.runtime.backends"):
         served_by, features = await embed_photos(settings, "tiny-vision")
 
     assert served_by == "torch"
@@ -167,7 +167,9 @@ def test_auto_keeps_torch_where_onnx_runtime_does_not_apply(
     with pytest.raises(CheckpointError, match="runs float32 on the CPU"):
         choose_backend("onnxruntime", bfloat16)
 
-    monkeypatch.setattr("clipvision.server.backends.missing_modules", lambda: ["onnxruntime"])
+    monkeypatch.setattr(
+        "clipvision.server.runtime.backends.missing_modules", lambda: ["onnxruntime"]
+    )
     backend, reason = choose_backend("auto", float32)
     assert backend == "torch"
     assert "not installed" in reason
@@ -178,7 +180,9 @@ def test_auto_keeps_torch_where_onnx_runtime_does_not_apply(
 async def test_onnxruntime_asked_for_but_not_installed_stops_the_load(
     base_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("clipvision.server.backends.missing_modules", lambda: ["onnxruntime"])
+    monkeypatch.setattr(
+        "clipvision.server.runtime.backends.missing_modules", lambda: ["onnxruntime"]
+    )
     settings = settings_with(base_settings, backend="onnxruntime", onnx_cache_dir=str(tmp_path))
     async with running_server(settings, load=False) as (server, _):
         with pytest.raises(CheckpointError, match=r"pip install 'clipvision\[onnx\]'"):
@@ -210,7 +214,7 @@ async def test_an_unwritable_cache_leaves_torch_serving(
     settings = settings_with(
         base_settings, backend="auto", onnx_cache_dir=str(blocker / "onnx-cache")
     )
-    with caplog.at_level(logging.WARNING, logger="clipvision.server.backends"):
+    with caplog.at_level(logging.WARNING, logger="clipvision.server.runtime.backends"):
         served_by, features = await embed_photos(settings, "tiny-vision")
 
     assert served_by == "torch"
@@ -267,7 +271,7 @@ async def test_an_inexact_text_export_is_refused_and_torch_serves_texts_exactly(
     damage_weights(onnx_backend.cached_model(onnx_backend.text_graph(tower), tmp_path))
 
     settings = onnx_only(base_settings, "tiny", tmp_path)
-    with caplog.at_level(logging.WARNING, logger="clipvision.server.backends"):
+    with caplog.at_level(logging.WARNING, logger="clipvision.server.runtime.backends"):
         info, features = await embed_texts(settings)
 
     # Only the text tower falls back; the image tower's export is sound and serves.

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from clipvision.client import AsyncEmbeddingClient, ClipVisionError
-from clipvision.server.settings import Settings
+from clipvision.server.config.settings import Settings
 from tests.conftest import DATA, encode, photo_bytes
 from tests.live_server import LiveServer, live_server
 

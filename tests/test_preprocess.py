@@ -23,7 +23,7 @@ from PIL import ExifTags, Image
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from clipvision.server.errors import InvalidImageError, Reason
-from clipvision.server.preprocess import (
+from clipvision.server.runtime.preprocess import (
     ClipPreprocessor,
     ImageLimits,
     PreprocessConfig,

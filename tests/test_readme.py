@@ -10,8 +10,8 @@ from pathlib import Path
 
 import grpc
 
+from clipvision.server.config.flags import build_parser
 from clipvision.server.errors import Reason
-from clipvision.server.flags import build_parser
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from clipvision.server.flags import build_parser, parse_settings
-from clipvision.server.settings import ModelSpec
+from clipvision.server.config.flags import build_parser, parse_settings
+from clipvision.server.config.settings import ModelSpec
 
 
 def test_defaults_serve_the_vit_b32_preset_on_loopback() -> None:

@@ -25,7 +25,7 @@ from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import DATA, photo_bytes, running_server, settings_with
 
 if TYPE_CHECKING:
-    from clipvision.server.settings import Settings
+    from clipvision.server.config.settings import Settings
     from clipvision.v1.embedding_service_pb2_grpc import EmbeddingServiceAsyncStub as Stub
 
 CONTEXT = 16

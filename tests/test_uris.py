@@ -20,16 +20,16 @@ import grpc
 import numpy as np
 import pytest
 
+from clipvision.server.config.settings import Settings
 from clipvision.server.errors import (
     ClipVisionError,
     InvalidImageError,
     Reason,
     UriRefusedError,
 )
-from clipvision.server.fetch import FetchPolicy, check_address
-from clipvision.server.image_sources import ImageSources
-from clipvision.server.preprocess import ImageLimits
-from clipvision.server.settings import Settings
+from clipvision.server.pipelines.fetch import FetchPolicy, check_address
+from clipvision.server.pipelines.sources import ImageSources
+from clipvision.server.runtime.preprocess import ImageLimits
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import photo_bytes, running_server, settings_with

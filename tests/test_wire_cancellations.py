@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 import pytest
 
-from clipvision.server.settings import Settings
+from clipvision.server.config.settings import Settings
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import photo_bytes

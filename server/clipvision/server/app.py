@@ -19,24 +19,24 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from clipvision.server.allocator import MemoryTrimmer
-from clipvision.server.dispatch import FairDispatcher
+from clipvision.server.api.embedding_service import EmbeddingServicer
+from clipvision.server.api.inference_service import SERVICE_NAME as OIP_SERVICE_NAME
+from clipvision.server.api.inference_service import InferenceServicer
+from clipvision.server.api.inference_service import add_to_server as add_oip_service
+from clipvision.server.config.settings import Settings
 from clipvision.server.errors import CheckpointError
-from clipvision.server.gate import CallGate, GateLimits
-from clipvision.server.health import HealthReporter
-from clipvision.server.image_pipeline import ImagePipeline
-from clipvision.server.image_sources import ImageSources
-from clipvision.server.interceptors import SERVICE_NAME, ErrorMappingInterceptor
-from clipvision.server.listener import GrpcListener, ListenerError
-from clipvision.server.metrics import ServerMetrics
-from clipvision.server.models import ModelRegistry
-from clipvision.server.oip_servicer import SERVICE_NAME as OIP_SERVICE_NAME
-from clipvision.server.oip_servicer import InferenceServicer
-from clipvision.server.oip_servicer import add_to_server as add_oip_service
-from clipvision.server.servicer import EmbeddingServicer
-from clipvision.server.settings import Settings
-from clipvision.server.text_pipeline import TextPipeline
-from clipvision.server.watchdog import DeviceWatchdog
+from clipvision.server.ops.health import HealthReporter
+from clipvision.server.ops.metrics import ServerMetrics
+from clipvision.server.ops.watchdog import DeviceWatchdog
+from clipvision.server.pipelines.images import ImagePipeline
+from clipvision.server.pipelines.sources import ImageSources
+from clipvision.server.pipelines.texts import TextPipeline
+from clipvision.server.resources.allocator import MemoryTrimmer
+from clipvision.server.resources.dispatch import FairDispatcher
+from clipvision.server.runtime.models import ModelRegistry
+from clipvision.server.wire.gate import CallGate, GateLimits
+from clipvision.server.wire.interceptors import SERVICE_NAME, ErrorMappingInterceptor
+from clipvision.server.wire.listener import GrpcListener, ListenerError
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 

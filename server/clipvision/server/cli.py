@@ -8,7 +8,7 @@ import resource
 import sys
 from collections.abc import Sequence
 
-from clipvision.server.logs import configure_logging
+from clipvision.server.ops.logs import configure_logging
 
 
 def raise_file_limit() -> int:
@@ -44,7 +44,7 @@ def missing_server_extra(command: str, error: ModuleNotFoundError) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags and environment, configure logging, serve until signalled."""
     try:
-        from clipvision.server.flags import parse_settings
+        from clipvision.server.config.flags import parse_settings
     except ModuleNotFoundError as error:
         return missing_server_extra("clipvision-server", error)
     settings = parse_settings(argv)

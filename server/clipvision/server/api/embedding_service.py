@@ -16,8 +16,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from clipvision.server.admission import UNARY_WAIT_S, seconds_until
-from clipvision.server.encoder import FloatArray
+from clipvision.server.api.streams import all_or_none, answer_in_order, answered
 from clipvision.server.errors import (
     ClipVisionError,
     InternalError,
@@ -25,11 +24,12 @@ from clipvision.server.errors import (
     OverloadedError,
     Reason,
 )
-from clipvision.server.image_pipeline import ImagePipeline
-from clipvision.server.models import ModelRegistry, ServedModel
-from clipvision.server.preprocess import PreprocessConfig
-from clipvision.server.streams import all_or_none, answer_in_order, answered
-from clipvision.server.text_pipeline import TextPipeline, TextVector, check_labels
+from clipvision.server.pipelines.images import ImagePipeline
+from clipvision.server.pipelines.texts import TextPipeline, TextVector, check_labels
+from clipvision.server.resources.admission import UNARY_WAIT_S, seconds_until
+from clipvision.server.runtime.image_encoder import FloatArray
+from clipvision.server.runtime.models import ModelRegistry, ServedModel
+from clipvision.server.runtime.preprocess import PreprocessConfig
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 

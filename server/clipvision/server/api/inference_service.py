@@ -25,9 +25,8 @@ from grpc_health.v1 import health_pb2
 
 from clipvision.inference_v2 import grpc_service_pb2 as oip
 from clipvision.inference_v2 import grpc_service_pb2_grpc as oip_grpc
-from clipvision.server.admission import seconds_until
-from clipvision.server.batcher import MicroBatcher
-from clipvision.server.encoder import FloatArray
+from clipvision.server.api.embedding_service import Context, ItemErrorObserver, caller_of, patience
+from clipvision.server.api.streams import all_or_none, answer_in_order, answered
 from clipvision.server.errors import (
     ClipVisionError,
     InvalidRequestError,
@@ -36,12 +35,13 @@ from clipvision.server.errors import (
     OverloadedError,
     Reason,
 )
-from clipvision.server.health import HealthReporter
-from clipvision.server.image_pipeline import ImagePipeline
-from clipvision.server.models import ModelRegistry, ServedModel
-from clipvision.server.servicer import Context, ItemErrorObserver, caller_of, patience
-from clipvision.server.streams import all_or_none, answer_in_order, answered
-from clipvision.server.text_pipeline import TextPipeline
+from clipvision.server.ops.health import HealthReporter
+from clipvision.server.pipelines.images import ImagePipeline
+from clipvision.server.pipelines.texts import TextPipeline
+from clipvision.server.resources.admission import seconds_until
+from clipvision.server.runtime.batcher import MicroBatcher
+from clipvision.server.runtime.image_encoder import FloatArray
+from clipvision.server.runtime.models import ModelRegistry, ServedModel
 from clipvision.v1 import embedding_service_pb2 as pb
 
 logger = logging.getLogger(__name__)

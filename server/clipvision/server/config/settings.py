@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipvision.server.cpu import available_cpus
-from clipvision.server.fetch import FetchPolicy
-from clipvision.server.preprocess import ImageLimits
-from clipvision.server.presets import PRESETS, Preset
+from clipvision.server.config.cpu import available_cpus
+from clipvision.server.config.presets import PRESETS, Preset
+from clipvision.server.pipelines.fetch import FetchPolicy
+from clipvision.server.runtime.preprocess import ImageLimits
 
 DEFAULT_MODEL = "ViT-B/32"
 MIB = 1024 * 1024

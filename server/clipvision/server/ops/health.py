@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from grpc_health.v1 import health, health_pb2
 
-from clipvision.server.interceptors import SERVICE_NAME
+from clipvision.server.wire.interceptors import SERVICE_NAME
 
 # The empty name is the whole server, which Kubernetes' gRPC probes ask about by default.
 HEALTH_SERVICES = ("", SERVICE_NAME)

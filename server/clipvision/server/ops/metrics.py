@@ -9,9 +9,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from clipvision.server.batcher import Modality
-from clipvision.server.calls import StageTimes
-from clipvision.server.metrics_http import MetricsHTTPServer
+from clipvision.server.ops.calls import StageTimes
+from clipvision.server.ops.metrics_http import MetricsHTTPServer
+from clipvision.server.runtime.batcher import Modality
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # From a millisecond (a tiny model's preprocessing) to half a minute (a long queue).

@@ -7,8 +7,8 @@ import contextlib
 import logging
 import time
 
-from clipvision.server.health import HealthReporter
-from clipvision.server.models import ModelRegistry
+from clipvision.server.ops.health import HealthReporter
+from clipvision.server.runtime.models import ModelRegistry
 
 logger = logging.getLogger(__name__)
 

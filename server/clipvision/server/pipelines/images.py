@@ -17,13 +17,13 @@ import functools
 import time
 from typing import Protocol
 
-from clipvision.server.admission import MemoryBudget, Ticket, seconds_left
-from clipvision.server.calls import StageTimes, record_image
-from clipvision.server.dispatch import FairDispatcher
-from clipvision.server.encoder import ClipImageEncoder, FloatArray, l2_normalize
-from clipvision.server.image_sources import ImageSources
-from clipvision.server.models import ServedModel
-from clipvision.server.preprocess import ProbedImage, UInt8Array
+from clipvision.server.ops.calls import StageTimes, record_image
+from clipvision.server.pipelines.sources import ImageSources
+from clipvision.server.resources.admission import MemoryBudget, Ticket, seconds_left
+from clipvision.server.resources.dispatch import FairDispatcher
+from clipvision.server.runtime.image_encoder import ClipImageEncoder, FloatArray, l2_normalize
+from clipvision.server.runtime.models import ServedModel
+from clipvision.server.runtime.preprocess import ProbedImage, UInt8Array
 from clipvision.v1 import embedding_service_pb2 as pb
 
 

@@ -20,16 +20,16 @@ from typing import Protocol, cast
 
 import numpy as np
 
-from clipvision.server.admission import ItemCost, MemoryBudget, seconds_left
-from clipvision.server.calls import StageTimes, record_image
-from clipvision.server.dispatch import FairDispatcher
-from clipvision.server.encoder import FloatArray, l2_normalize
+from clipvision.server.api.streams import all_or_none
 from clipvision.server.errors import InvalidRequestError, Reason
-from clipvision.server.image_pipeline import ImagePipeline
-from clipvision.server.label_cache import LabelVector
-from clipvision.server.models import ServedModel, TextModel
-from clipvision.server.streams import all_or_none
-from clipvision.server.text_encoder import TokenizedText
+from clipvision.server.ops.calls import StageTimes, record_image
+from clipvision.server.pipelines.images import ImagePipeline
+from clipvision.server.resources.admission import ItemCost, MemoryBudget, seconds_left
+from clipvision.server.resources.dispatch import FairDispatcher
+from clipvision.server.runtime.image_encoder import FloatArray, l2_normalize
+from clipvision.server.runtime.label_cache import LabelVector
+from clipvision.server.runtime.models import ServedModel, TextModel
+from clipvision.server.runtime.text_encoder import TokenizedText
 from clipvision.v1 import embedding_service_pb2 as pb
 
 

@@ -16,11 +16,11 @@ from typing import TypeVar
 
 import torch
 
-from clipvision.server.checkpoint import Checkpoint
-from clipvision.server.cpu import cpu_budget
-from clipvision.server.encoder import FloatArray
+from clipvision.server.config.cpu import cpu_budget
 from clipvision.server.errors import CheckpointError
-from clipvision.server.onnx_backend import (
+from clipvision.server.runtime.checkpoint import Checkpoint
+from clipvision.server.runtime.image_encoder import FloatArray
+from clipvision.server.runtime.onnx_backend import (
     OnnxBackendError,
     build_onnx_runner,
     build_onnx_text_runner,
@@ -28,8 +28,8 @@ from clipvision.server.onnx_backend import (
     missing_modules,
     release_weights,
 )
-from clipvision.server.preprocess import UInt8Array
-from clipvision.server.text_encoder import TextRunner
+from clipvision.server.runtime.preprocess import UInt8Array
+from clipvision.server.runtime.text_encoder import TextRunner
 
 logger = logging.getLogger(__name__)
 

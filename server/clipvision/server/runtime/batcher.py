@@ -26,9 +26,9 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Generic, Literal, Protocol, TypeVar
 
-from clipvision.server.admission import BudgetObserver, FairPool
-from clipvision.server.encoder import FloatArray
 from clipvision.server.errors import InternalError, OverloadedError, Reason
+from clipvision.server.resources.admission import BudgetObserver, FairPool
+from clipvision.server.runtime.image_encoder import FloatArray
 
 Modality = Literal["image", "text"]
 Payload = TypeVar("Payload")

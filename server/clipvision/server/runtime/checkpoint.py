@@ -30,10 +30,10 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
+from clipvision.server.config.presets import PRESETS, Preset
+from clipvision.server.config.settings import ModelSpec
 from clipvision.server.errors import CheckpointError
-from clipvision.server.preprocess import PreprocessConfig
-from clipvision.server.presets import PRESETS, Preset
-from clipvision.server.settings import ModelSpec
+from clipvision.server.runtime.preprocess import PreprocessConfig
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from clipvision.server.admission import ItemCost
-from clipvision.server.checkpoint import Checkpoint
-from clipvision.server.preprocess import (
+from clipvision.server.resources.admission import ItemCost
+from clipvision.server.runtime.checkpoint import Checkpoint
+from clipvision.server.runtime.preprocess import (
     ClipPreprocessor,
     ImageLimits,
     ProbedImage,

@@ -13,7 +13,7 @@ import collections
 import hashlib
 from dataclasses import dataclass
 
-from clipvision.server.encoder import FloatArray
+from clipvision.server.runtime.image_encoder import FloatArray
 
 
 @dataclass(frozen=True)

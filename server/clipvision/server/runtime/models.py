@@ -12,12 +12,7 @@ from typing import Protocol
 
 import torch
 
-from clipvision.server.admission import BudgetObserver, MemoryBudget
-from clipvision.server.allocator import release_free_memory
-from clipvision.server.backends import prepare_image_runner, prepare_text_runner
-from clipvision.server.batcher import BatchObserver, MicroBatcher
-from clipvision.server.checkpoint import Checkpoint, load_checkpoint, resolve_device, resolve_dtype
-from clipvision.server.encoder import ClipImageEncoder
+from clipvision.server.config.settings import ModelSpec, Settings
 from clipvision.server.errors import (
     CheckpointError,
     ModalityNotServedError,
@@ -25,11 +20,21 @@ from clipvision.server.errors import (
     Reason,
     ServiceUnavailableError,
 )
-from clipvision.server.label_cache import LabelCache
-from clipvision.server.memory import default_budget, default_limit, resident_bytes
-from clipvision.server.preprocess import UInt8Array
-from clipvision.server.settings import ModelSpec, Settings
-from clipvision.server.text_encoder import ClipTextEncoder, IdArray
+from clipvision.server.resources.admission import BudgetObserver, MemoryBudget
+from clipvision.server.resources.allocator import release_free_memory
+from clipvision.server.resources.memory import default_budget, default_limit, resident_bytes
+from clipvision.server.runtime.backends import prepare_image_runner, prepare_text_runner
+from clipvision.server.runtime.batcher import BatchObserver, MicroBatcher
+from clipvision.server.runtime.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    resolve_device,
+    resolve_dtype,
+)
+from clipvision.server.runtime.image_encoder import ClipImageEncoder
+from clipvision.server.runtime.label_cache import LabelCache
+from clipvision.server.runtime.preprocess import UInt8Array
+from clipvision.server.runtime.text_encoder import ClipTextEncoder, IdArray
 
 logger = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from clipvision.server.checkpoint import Checkpoint, TextTower
-from clipvision.server.encoder import ClipImageEncoder, FloatArray
-from clipvision.server.preprocess import ClipPreprocessor, ImageLimits, UInt8Array
-from clipvision.server.text_encoder import IdArray
+from clipvision.server.runtime.checkpoint import Checkpoint, TextTower
+from clipvision.server.runtime.image_encoder import ClipImageEncoder, FloatArray
+from clipvision.server.runtime.preprocess import ClipPreprocessor, ImageLimits, UInt8Array
+from clipvision.server.runtime.text_encoder import IdArray
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from clipvision.server.checkpoint import TextTower
-from clipvision.server.encoder import FloatArray
 from clipvision.server.errors import InvalidTextError, Reason
+from clipvision.server.runtime.checkpoint import TextTower
+from clipvision.server.runtime.image_encoder import FloatArray
 
 IdArray = npt.NDArray[np.int64]
 # Another runtime's forward pass of the text tower (ONNX Runtime): ids and mask in.

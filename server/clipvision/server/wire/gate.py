@@ -35,8 +35,6 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from clipvision.server.auth import BearerToken
-from clipvision.server.calls import GateMark, open_gate_mark
 from clipvision.server.errors import (
     ClipVisionError,
     InvalidRequestError,
@@ -46,10 +44,12 @@ from clipvision.server.errors import (
     RequestTimeoutError,
     ServiceUnavailableError,
 )
-from clipvision.server.interceptors import rich_status
-from clipvision.server.logs import RateLimitedLog
-from clipvision.server.metrics import ServerMetrics
-from clipvision.server.slots import Slot, SlotPool
+from clipvision.server.ops.calls import GateMark, open_gate_mark
+from clipvision.server.ops.logs import RateLimitedLog
+from clipvision.server.ops.metrics import ServerMetrics
+from clipvision.server.wire.auth import BearerToken
+from clipvision.server.wire.interceptors import rich_status
+from clipvision.server.wire.slots import Slot, SlotPool
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from clipvision.inference_v2 import grpc_service_pb2 as oip
-from clipvision.server.calls import CallRecord, ended_by_gate, open_call, request_id_from
 from clipvision.server.errors import (
     ERROR_DOMAIN,
     ClipVisionError,
@@ -26,7 +25,8 @@ from clipvision.server.errors import (
     OverloadedError,
     Reason,
 )
-from clipvision.server.metrics import ServerMetrics
+from clipvision.server.ops.calls import CallRecord, ended_by_gate, open_call, request_id_from
+from clipvision.server.ops.metrics import ServerMetrics
 from clipvision.v1 import embedding_service_pb2 as pb
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
