@@ -59,9 +59,9 @@ def make(path: Path, side: int, mode: str, fmt: str, params: dict[str, object]) 
 
 
 def measure(path: str) -> None:
+    from clipvision.server.config.limits import ImageLimits
     from clipvision.server.runtime.preprocess import (
         ClipPreprocessor,
-        ImageLimits,
         PreprocessConfig,
         decode_working_set,
         load_image,

@@ -52,11 +52,11 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from clipvision.server.config.cpu import available_cpus, cpu_budget
+from clipvision.server.config.limits import ImageLimits
 from clipvision.server.config.settings import ModelSpec
 from clipvision.server.runtime.backends import prepare_image_runner
 from clipvision.server.runtime.checkpoint import load_checkpoint, resolve_device, resolve_dtype
 from clipvision.server.runtime.image_encoder import ClipImageEncoder
-from clipvision.server.runtime.preprocess import ImageLimits
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 

@@ -15,22 +15,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipvision.server.api.embedding_service import caller_of
+from clipvision.server.api.call_context import caller_of
 from clipvision.server.config.flags import parse_settings
+from clipvision.server.config.limits import MIN_BUDGET, ImageLimits, byte_size
 from clipvision.server.errors import InvalidImageError, OverloadedError, Reason
 from clipvision.server.resources.admission import FairPool, ItemCost, MemoryBudget
 from clipvision.server.resources.dispatch import FairDispatcher
-from clipvision.server.resources.memory import (
-    MIN_BUDGET,
-    byte_size,
-    container_limit,
-    default_budget,
-)
+from clipvision.server.resources.memory import container_limit, default_budget
 from clipvision.server.runtime import preprocess
 from clipvision.server.runtime.batcher import MicroBatcher
 from clipvision.server.runtime.image_encoder import FloatArray
 from clipvision.server.runtime.preprocess import (
-    ImageLimits,
     PreprocessConfig,
     UInt8Array,
     decode_working_set,

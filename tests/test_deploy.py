@@ -17,8 +17,8 @@ import yaml
 
 from clipvision.server.config.flags import build_parser, parse_settings
 from clipvision.server.config.settings import Settings
-from clipvision.server.ops.healthcheck import main as healthcheck
-from clipvision.server.ops.healthcheck import probe_target
+from clipvision.server.healthcheck import main as healthcheck
+from clipvision.server.healthcheck import probe_target
 from tests.live_server import live_server
 
 ROOT = Path(__file__).parent.parent

@@ -21,8 +21,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from clipvision.server.app import ClipVisionServer
+from clipvision.server.config.limits import ImageLimits
 from clipvision.server.errors import InvalidImageError
-from clipvision.server.runtime.preprocess import ImageLimits, decode_image
+from clipvision.server.runtime.preprocess import decode_image
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import DATA

@@ -89,7 +89,7 @@ def _as_client_only_install(module: str, *argv: str) -> tuple[int, str]:
     [
         ("clipvision-server", "clipvision.server.cli", ["--model", "ViT-B/32"]),
         ("clipvision-server", "clipvision.server.cli", ["--help"]),
-        ("clipvision-healthcheck", "clipvision.server.ops.healthcheck", []),
+        ("clipvision-healthcheck", "clipvision.server.healthcheck", []),
     ],
 )
 def test_server_commands_without_the_server_extra_say_what_to_install(

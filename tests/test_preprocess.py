@@ -22,10 +22,10 @@ import torch
 from PIL import ExifTags, Image
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from clipvision.server.config.limits import ImageLimits
 from clipvision.server.errors import InvalidImageError, Reason
 from clipvision.server.runtime.preprocess import (
     ClipPreprocessor,
-    ImageLimits,
     PreprocessConfig,
     decode_image,
 )

@@ -18,8 +18,8 @@ import grpc
 import pytest
 
 from clipvision.server.config.flags import parse_settings
+from clipvision.server.config.limits import FetchPolicy
 from clipvision.server.config.settings import Settings
-from clipvision.server.pipelines.fetch import FetchPolicy
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import photo_bytes, running_server, settings_with

@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 import pytest
 
+from clipvision.server.config.limits import FetchPolicy, ImageLimits
 from clipvision.server.config.settings import Settings
 from clipvision.server.errors import (
     ClipVisionError,
@@ -27,9 +28,8 @@ from clipvision.server.errors import (
     Reason,
     UriRefusedError,
 )
-from clipvision.server.pipelines.fetch import FetchPolicy, check_address
+from clipvision.server.pipelines.fetch import check_address
 from clipvision.server.pipelines.sources import ImageSources
-from clipvision.server.runtime.preprocess import ImageLimits
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import photo_bytes, running_server, settings_with

@@ -147,7 +147,9 @@ class ClipVisionServer:
         self.metrics = ServerMetrics()
         self.registry = ModelRegistry(settings, self._device_executor, observer=self.metrics)
         self.health = HealthReporter()
-        self.watchdog = DeviceWatchdog(self.registry, self.health, settings.watchdog_timeout_s)
+        self.watchdog = DeviceWatchdog(
+            self.registry.busy_batches, self.health, settings.watchdog_timeout_s
+        )
         self.metrics.watch_devices(self.registry.devices)
         # The gate goes first: it refuses, counts slots and reads requests for every service.
         self.gate = CallGate(gate_limits(settings), self.metrics, settings.auth_token)

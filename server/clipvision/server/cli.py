@@ -44,6 +44,11 @@ def missing_server_extra(command: str, error: ModuleNotFoundError) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags and environment, configure logging, serve until signalled."""
     try:
+        # Two of the server extra's quick imports (torch comes later, after logging is set
+        # up), so that a client-only install says what to install even for --help.
+        import grpc_health  # noqa: F401
+        import PIL  # noqa: F401
+
         from clipvision.server.config.flags import parse_settings
     except ModuleNotFoundError as error:
         return missing_server_extra("clipvision-server", error)

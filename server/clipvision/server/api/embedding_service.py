@@ -2,7 +2,8 @@
 
 Each handler checks the request against the contract's limits, finds the model,
 admits the call's items, and hands each item to its modality's pipeline
-(image_pipeline, text_pipeline); streams go through streams.answer_in_order.
+(pipelines.images, pipelines.texts, pipelines.classify); streams go through
+streams.answer_in_order.
 Faults are domain errors: raised for the call (the interceptor maps them to
 statuses) or answered in-band per item.
 """
@@ -12,21 +13,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-import grpc
-
-from clipvision.server.api.streams import all_or_none, answer_in_order, answered
+from clipvision.server.api.call_context import Context, caller_of, patience
+from clipvision.server.api.item_errors import ItemErrorObserver, item_error
+from clipvision.server.api.streams import answer_in_order, answered
 from clipvision.server.errors import (
     ClipVisionError,
-    InternalError,
     InvalidRequestError,
     OverloadedError,
     Reason,
 )
+from clipvision.server.pipelines.classify import ClassifyPipeline, check_labels
+from clipvision.server.pipelines.gather import all_or_none
 from clipvision.server.pipelines.images import ImagePipeline
-from clipvision.server.pipelines.texts import TextPipeline, TextVector, check_labels
-from clipvision.server.resources.admission import UNARY_WAIT_S, seconds_until
+from clipvision.server.pipelines.texts import TextPipeline, TextVector
+from clipvision.server.resources.admission import seconds_until
 from clipvision.server.runtime.image_encoder import FloatArray
 from clipvision.server.runtime.models import ModelRegistry, ServedModel
 from clipvision.server.runtime.preprocess import PreprocessConfig
@@ -35,20 +37,8 @@ from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
-Context = grpc.aio.ServicerContext[object, object]
 Result = TypeVar("Result", pb.EmbedImagesResult, pb.EmbedTextsResult)
 StreamResponse = TypeVar("StreamResponse", pb.EmbedImageStreamResponse, pb.EmbedTextStreamResponse)
-
-INTERNAL_ITEM_ERROR = InternalError(
-    Reason.INTERNAL, "The server failed on this item because of a bug; it has been logged."
-)
-
-
-class ItemErrorObserver(Protocol):
-    """Counts items answered in-band with an error, for metrics."""
-
-    def on_item_error(self, reason: str) -> None:
-        """One item was answered with an ItemError of ``reason``."""
 
 
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
@@ -68,6 +58,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         self._registry = registry
         self._images = images
         self._texts = texts
+        self._classify = ClassifyPipeline(images, texts)
         self._limits = limits
         self._observer = observer
 
@@ -226,8 +217,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             model.batcher.admit(caller, 1, wait_s),
             tower.batcher.admit(caller, len(labels), wait_s),
         ):
-            scores = await self._texts.classify(
-                self._images,
+            scores = await self._classify.classify(
                 model,
                 caller,
                 request.image,
@@ -325,27 +315,6 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         return error
 
 
-def caller_of(context: Context) -> str:
-    """Who a call counts against for fair shares: its authenticated identity (mutual TLS),
-    else its connection (``peer()`` names the client's address and port, one per connection).
-    """
-    identities = context.peer_identities()
-    if identities:
-        return "identity:" + b",".join(identities).decode(errors="replace")
-    return "peer:" + context.peer()
-
-
-def patience(context: Context) -> float:
-    """The loop time until which a unary call may wait for room another caller gives back.
-
-    At most UNARY_WAIT_S, and half of what is left of the call's deadline, so that a
-    refusal still reaches the caller in time and an admitted item has time to run.
-    """
-    remaining = context.time_remaining()
-    wait = UNARY_WAIT_S if remaining is None else min(UNARY_WAIT_S, remaining / 2)
-    return asyncio.get_running_loop().time() + max(0.0, wait)
-
-
 def _check_count(count: int, limit: int, what: str) -> None:
     if count > limit:
         stream = "EmbedImageStream" if what == "images" else "EmbedTextStream"
@@ -371,14 +340,6 @@ def _text_embedding(model: ServedModel, text: TextVector, normalized: bool) -> p
         normalized=normalized,
         truncated=text.truncated,
     )
-
-
-def item_error(exc: Exception) -> pb.ItemError:
-    """The in-band form of a per-item fault; bugs are logged and reported without detail."""
-    if not isinstance(exc, ClipVisionError):
-        logger.error("unexpected failure on one item", exc_info=exc)
-        exc = INTERNAL_ITEM_ERROR
-    return pb.ItemError(code=int(exc.code), reason=exc.reason.value, message=exc.message)
 
 
 def _describe(info: pb.ModelInfo, served: ServedModel) -> None:

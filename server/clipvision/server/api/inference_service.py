@@ -25,8 +25,9 @@ from grpc_health.v1 import health_pb2
 
 from clipvision.inference_v2 import grpc_service_pb2 as oip
 from clipvision.inference_v2 import grpc_service_pb2_grpc as oip_grpc
-from clipvision.server.api.embedding_service import Context, ItemErrorObserver, caller_of, patience
-from clipvision.server.api.streams import all_or_none, answer_in_order, answered
+from clipvision.server.api.call_context import Context, caller_of, patience
+from clipvision.server.api.item_errors import ItemErrorObserver
+from clipvision.server.api.streams import answer_in_order, answered
 from clipvision.server.errors import (
     ClipVisionError,
     InvalidRequestError,
@@ -36,6 +37,7 @@ from clipvision.server.errors import (
     Reason,
 )
 from clipvision.server.ops.health import HealthReporter
+from clipvision.server.pipelines.gather import all_or_none
 from clipvision.server.pipelines.images import ImagePipeline
 from clipvision.server.pipelines.texts import TextPipeline
 from clipvision.server.resources.admission import seconds_until

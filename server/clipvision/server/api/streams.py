@@ -133,16 +133,3 @@ def answered(response: T) -> asyncio.Future[T]:
     future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
     future.set_result(response)
     return future
-
-
-async def all_or_none(awaitables: list[Awaitable[T]]) -> list[T]:
-    """Await every item; if one raises, cancel the rest and raise that."""
-    tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        # Collected, so that a second failure is not reported as never retrieved.
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise

@@ -11,11 +11,9 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from clipvision.server.config.limits import BUDGET_FRACTION, FetchPolicy, ImageLimits, byte_size
 from clipvision.server.config.presets import PRESETS
 from clipvision.server.config.settings import DEFAULT_MODEL, ModelSpec, Settings, TlsFiles
-from clipvision.server.pipelines.fetch import FetchPolicy
-from clipvision.server.resources.memory import BUDGET_FRACTION, byte_size
-from clipvision.server.runtime.preprocess import ImageLimits
 
 
 def _positive_int(text: str) -> int:

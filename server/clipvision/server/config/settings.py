@@ -6,9 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipvision.server.config.cpu import available_cpus
+from clipvision.server.config.limits import FetchPolicy, ImageLimits
 from clipvision.server.config.presets import PRESETS, Preset
-from clipvision.server.pipelines.fetch import FetchPolicy
-from clipvision.server.runtime.preprocess import ImageLimits
 
 DEFAULT_MODEL = "ViT-B/32"
 MIB = 1024 * 1024

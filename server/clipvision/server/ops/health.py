@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from grpc_health.v1 import health, health_pb2
 
-from clipvision.server.wire.interceptors import SERVICE_NAME
+from clipvision.v1 import embedding_service_pb2 as pb
 
 # The empty name is the whole server, which Kubernetes' gRPC probes ask about by default.
-HEALTH_SERVICES = ("", SERVICE_NAME)
+HEALTH_SERVICES = ("", pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name)
 
 
 class HealthReporter:

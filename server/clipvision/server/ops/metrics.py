@@ -11,7 +11,6 @@ from prometheus_client.registry import Collector
 
 from clipvision.server.ops.calls import StageTimes
 from clipvision.server.ops.metrics_http import MetricsHTTPServer
-from clipvision.server.runtime.batcher import Modality
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # From a millisecond (a tiny model's preprocessing) to half a minute (a long queue).
@@ -191,7 +190,7 @@ class ServerMetrics:
         self._add_admission_metrics()
         self._http: MetricsHTTPServer | None = None
 
-    def on_batch(self, model: str, size: int, seconds: float, modality: Modality = "image") -> None:
+    def on_batch(self, model: str, size: int, seconds: float, modality: str = "image") -> None:
         """Record one batch that went through the device."""
         if modality == "text":
             self.text_batch_size.labels(model).observe(size)
@@ -202,7 +201,7 @@ class ServerMetrics:
         self.inference_seconds.labels(model).observe(seconds)
         self.images_embedded.labels(model).inc(size)
 
-    def on_queue_depth(self, model: str, depth: int, modality: Modality = "image") -> None:
+    def on_queue_depth(self, model: str, depth: int, modality: str = "image") -> None:
         """Record the number of admitted, unanswered items of a model."""
         gauge = self.text_queue_depth if modality == "text" else self.queue_depth
         gauge.labels(model).set(depth)

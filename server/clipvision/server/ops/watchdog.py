@@ -6,9 +6,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterable
 
 from clipvision.server.ops.health import HealthReporter
-from clipvision.server.runtime.models import ModelRegistry
+
+# What runs on the device now: a name for the log, and the monotonic time each batch began.
+BusyBatches = Callable[[], Iterable[tuple[str, float]]]
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +24,8 @@ class DeviceWatchdog:
     batch finishes, health returns to SERVING.
     """
 
-    def __init__(self, registry: ModelRegistry, health: HealthReporter, timeout_s: float) -> None:
-        self._registry = registry
+    def __init__(self, busy: BusyBatches, health: HealthReporter, timeout_s: float) -> None:
+        self._busy = busy
         self._health = health
         self._timeout_s = timeout_s
         self._task: asyncio.Task[None] | None = None
@@ -47,10 +50,7 @@ class DeviceWatchdog:
             await asyncio.sleep(interval)
             now = time.monotonic()
             stuck = [
-                (f"{model.name} ({batcher.modality}s)", now - batcher.busy_since)
-                for model in self._registry.served()
-                for batcher in model.batchers()
-                if batcher.busy_since is not None and now - batcher.busy_since > self._timeout_s
+                (name, now - since) for name, since in self._busy() if now - since > self._timeout_s
             ]
             if stuck and not self.stalled:
                 self.stalled = True

@@ -23,7 +23,6 @@ import socket
 import ssl
 import stat
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
@@ -31,6 +30,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 import httpcore
 import httpx
 
+from clipvision.server.config.limits import FetchPolicy
 from clipvision.server.errors import InvalidImageError, Reason, UriRefusedError
 
 logger = logging.getLogger(__name__)
@@ -48,24 +48,6 @@ _LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
 # A host whose last label is a number is an IPv4 literal to URL parsers and to
 # inet_aton (0177.0.0.1, 0x7f.1, 2130706433, 127.1 all mean 127.0.0.1).
 _NUMERIC_LABEL = re.compile(r"(0x[0-9a-f]*|[0-9]+)")
-
-
-@dataclass(frozen=True)
-class FetchPolicy:
-    """What the operator allows the server to read by URI; nothing by default."""
-
-    file_roots: tuple[Path, ...] = ()
-    fetch_domains: tuple[str, ...] = ()
-    allow_http: bool = False
-    allow_private_addresses: bool = False
-    timeout_s: float = 10.0
-    max_redirects: int = 3
-    max_concurrent_fetches: int = 16
-
-    @property
-    def fetching(self) -> bool:
-        """True when http(s) URIs may be fetched at all."""
-        return bool(self.fetch_domains)
 
 
 def check_uri_text(uri: str) -> None:

@@ -10,9 +10,9 @@ import asyncio
 import binascii
 from urllib.parse import unquote_to_bytes
 
+from clipvision.server.config.limits import FetchPolicy, ImageLimits
 from clipvision.server.errors import ClipVisionError, InvalidImageError, Reason, UriRefusedError
-from clipvision.server.pipelines.fetch import FetchPolicy, UriFetcher, check_uri_text, read_file_uri
-from clipvision.server.runtime.preprocess import ImageLimits
+from clipvision.server.pipelines.fetch import UriFetcher, check_uri_text, read_file_uri
 from clipvision.v1 import embedding_service_pb2 as pb
 
 # What a data: URI may hold before its comma ("image/svg+xml;charset=utf-8;base64" and such).

@@ -1,66 +1,22 @@
-"""How much memory the process may use: sizes as operators write them, the container's
-limit, the resident size, and the default memory budget derived from them."""
+"""How much memory the process may use: the container's limit, the resident size, and the
+default memory budget derived from them."""
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import resource
 import sys
 from pathlib import Path
 
+from clipvision.server.config.limits import BUDGET_FRACTION, MIN_BUDGET
+
 logger = logging.getLogger(__name__)
-
-MIB = 1 << 20
-
-# The default budget is this fraction of what the limit leaves once the models are resident:
-# the rest is headroom for torch's activations at the largest batch, the message each stream
-# has read but not yet admitted, gRPC's buffers, the interpreter and the allocator's
-# fragmentation (measured with bench/memory.py: 0.5 let 16 streams of 20 MB images peak at
-# 4.0 GiB of a 4 GiB limit).
-BUDGET_FRACTION = 0.3
-MIN_BUDGET = 64 * MIB
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "ki": 1 << 10,
-    "kib": 1 << 10,
-    "mi": 1 << 20,
-    "mib": 1 << 20,
-    "gi": 1 << 30,
-    "gib": 1 << 30,
-    "ti": 1 << 40,
-    "tib": 1 << 40,
-}
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*")
 
 # cgroup v1 reports "no limit" as a huge number rounded to pages; anything above this is none.
 _UNLIMITED = 1 << 60
 _CGROUP_V2 = Path("/sys/fs/cgroup/memory.max")
 _CGROUP_V1 = Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")
-
-
-def byte_size(text: str) -> int:
-    """Parse a size such as ``4GiB``, ``512MiB``, ``1.5G`` or ``1000000`` into bytes (K, M, G
-    and T are powers of 1000, Ki, Mi, Gi and Ti powers of 1024, as in Kubernetes)."""
-    match = _SIZE.fullmatch(text)
-    unit = _UNITS.get(match.group(2).lower()) if match else None
-    if match is None or unit is None:
-        raise ValueError(f"{text!r} is not a size; write e.g. 4GiB, 512MiB or 1000000")
-    value = int(float(match.group(1)) * unit)
-    if value < 1:
-        raise ValueError(f"{text!r} is not a size of at least one byte")
-    return value
 
 
 def container_limit(v2: Path = _CGROUP_V2, v1: Path = _CGROUP_V1) -> int | None:

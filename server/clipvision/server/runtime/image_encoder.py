@@ -13,11 +13,11 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from clipvision.server.config.limits import ImageLimits
 from clipvision.server.resources.admission import ItemCost
 from clipvision.server.runtime.checkpoint import Checkpoint
 from clipvision.server.runtime.preprocess import (
     ClipPreprocessor,
-    ImageLimits,
     ProbedImage,
     UInt8Array,
     decode_image,

@@ -151,6 +151,15 @@ class ModelRegistry:
         """Return once the server starts to drain."""
         await self._drained.wait()
 
+    def busy_batches(self) -> list[tuple[str, float]]:
+        """Each batch on the device now: its model and modality, and when it began (monotonic)."""
+        return [
+            (f"{model.name} ({batcher.modality}s)", batcher.busy_since)
+            for model in self.served()
+            for batcher in model.batchers()
+            if batcher.busy_since is not None
+        ]
+
     def devices(self) -> list[torch.device]:
         """The devices of the models loaded so far."""
         return [model.encoder.checkpoint.device for model in self.served()]

@@ -28,9 +28,10 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from clipvision.server.config.limits import ImageLimits
 from clipvision.server.runtime.checkpoint import Checkpoint, TextTower
 from clipvision.server.runtime.image_encoder import ClipImageEncoder, FloatArray
-from clipvision.server.runtime.preprocess import ClipPreprocessor, ImageLimits, UInt8Array
+from clipvision.server.runtime.preprocess import ClipPreprocessor, UInt8Array
 from clipvision.server.runtime.text_encoder import IdArray
 
 logger = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import ExifTags, Image, ImageFile, ImageOps
 
+from clipvision.server.config.limits import ImageLimits
 from clipvision.server.errors import InvalidImageError, Reason
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -41,18 +42,6 @@ _MAX_RESIZED_PIXELS = 1 << 24
 
 FloatArray = npt.NDArray[np.float32]
 UInt8Array = npt.NDArray[np.uint8]
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    """Operator limits checked before and during decode."""
-
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
-    min_image_side: int = 1
-    allowed_formats: frozenset[str] = frozenset(
-        {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
-    )
 
 
 @dataclass(frozen=True)
