@@ -118,8 +118,9 @@ Global___Image: _TypeAlias = Image  # noqa: Y015
 
 @_typing.final
 class Embedding(_message.Message):
-    """Embedding is the output of the CLIP vision tower and its projection for one
-    image.
+    """Embedding is the CLIP embedding of one image or one text: the output of the
+    vision tower and its projection for an image, of the text tower and its
+    projection for a text. Both of one model live in the same space.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -159,7 +160,9 @@ Global___Embedding: _TypeAlias = Embedding  # noqa: Y015
 
 @_typing.final
 class ItemError(_message.Message):
-    """ItemError reports why one image of a batch or stream could not be embedded."""
+    """ItemError reports why one image or text of a batch or stream could not be
+    embedded.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -168,16 +171,31 @@ class ItemError(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """The canonical gRPC status code number (for example 3 for
-    INVALID_ARGUMENT) that the same fault would produce on EmbedImage.
+    INVALID_ARGUMENT) that the same fault would produce on EmbedImage or
+    EmbedText.
     """
     reason: _builtins.str
-    """A stable UPPER_SNAKE_CASE reason, for example IMAGE_DECODE_FAILED,
-    IMAGE_FORMAT_UNSUPPORTED, IMAGE_TOO_LARGE, IMAGE_TOO_MANY_PIXELS,
-    IMAGE_TOO_SMALL, IMAGE_EMPTY, IMAGE_MISSING, URI_INVALID,
-    URI_SCHEME_REFUSED, TEXT_EMPTY, TEXT_TOO_LONG, TEXT_TOO_LARGE,
-    TOO_MANY_IMAGES, TOO_MANY_TEXTS, QUEUE_FULL, MODEL_NOT_FOUND,
-    MODALITY_NOT_SERVED, MODEL_LOADING, MODEL_LOAD_FAILED, SERVER_DRAINING or
-    INTERNAL.
+    """A stable UPPER_SNAKE_CASE reason. An item may carry one of these; each
+    can also fail a unary call:
+    images: IMAGE_MISSING, IMAGE_EMPTY, IMAGE_TOO_LARGE,
+    IMAGE_TOO_MANY_PIXELS, IMAGE_TOO_SMALL, IMAGE_FORMAT_UNSUPPORTED,
+    IMAGE_DECODE_FAILED, IMAGE_OVER_MEMORY_BUDGET;
+    URIs: URI_INVALID, URI_NOT_A_FILE, URI_UNREADABLE, URI_SCHEME_REFUSED,
+    URI_PATH_REFUSED, URI_HOST_REFUSED, URI_ADDRESS_REFUSED;
+    texts: TEXT_EMPTY, TEXT_TOO_LARGE, TEXT_TOO_LONG;
+    a stream item's model: MODEL_NOT_FOUND, MODEL_LOADING, MODEL_LOAD_FAILED,
+    MODALITY_NOT_SERVED;
+    and INTERNAL, a bug, with a generic message.
+
+    Never an item's: these only ever fail a whole call, as the status's
+    ErrorInfo reason: METHOD_NOT_FOUND (no such method); UNAUTHENTICATED,
+    TOO_MANY_CALLS, REQUEST_MISSING, REQUEST_MALFORMED, REQUEST_READ_TIMEOUT,
+    STREAM_IDLE (the call gate); TOO_MANY_IMAGES, TOO_MANY_TEXTS,
+    LABELS_MISSING, TOO_MANY_LABELS, PROMPT_TEMPLATE_INVALID (the request as
+    a whole); QUEUE_FULL, MEMORY_BUDGET_FULL (a unary call refused for
+    capacity, which a stream waits for instead); SERVER_DRAINING (a draining
+    server refuses new calls, and ends a stream once it has answered every
+    item it admitted).
     """
     message: _builtins.str
     """One human-readable sentence that says what was wrong and what to do."""
@@ -997,20 +1015,24 @@ class Limits(_message.Message):
     server accepts.
     """
     stream_window: _builtins.int
-    """The number of items one EmbedImageStream may have in flight before the
-    server stops reading it; a client gains nothing by sending further ahead.
+    """The number of items one EmbedImageStream or EmbedTextStream may have in
+    flight before the server stops reading it; a client gains nothing by
+    sending further ahead.
     """
     max_queue_size: _builtins.int
-    """The number of images per model the server admits before unary calls get
-    RESOURCE_EXHAUSTED.
+    """The number of images per model the server admits and has not yet
+    answered before unary calls get RESOURCE_EXHAUSTED (QUEUE_FULL); streams
+    wait instead. Texts are counted apart, per model, against the largest of
+    this, max_batch_texts and max_classify_labels.
     """
     memory_budget_bytes: _builtins.int
-    """The bytes that images in flight may hold across all models: each image
-    counts its encoded size and its preprocessed pixels until it is answered,
-    and the memory its decoding needs (estimated from its header) while it is
-    decoded. Past it unary calls get RESOURCE_EXHAUSTED (MEMORY_BUDGET_FULL)
-    and streams wait; one image that needs more than all of it is refused
-    with INVALID_ARGUMENT (IMAGE_OVER_MEMORY_BUDGET).
+    """The bytes that images and texts in flight may hold across all models:
+    each image counts its encoded size and its preprocessed pixels until it
+    is answered, and the memory its decoding needs (estimated from its
+    header) while it is decoded; each text counts twice its UTF-8 size and
+    its token ids. Past it unary calls get RESOURCE_EXHAUSTED
+    (MEMORY_BUDGET_FULL) and streams wait; one image that needs more than all
+    of it is refused with INVALID_ARGUMENT (IMAGE_OVER_MEMORY_BUDGET).
     """
     max_batch_texts: _builtins.int
     """The largest number of texts one EmbedTextsRequest may carry."""

@@ -30,11 +30,12 @@ class EmbeddingServiceStub:
     """EmbeddingService turns images and texts into CLIP embeddings, and scores
     an image against text labels (zero-shot classification).
 
-    Every RPC accepts images either as encoded bytes or as a URI. A request may
-    name one of the served models; an empty name selects the server's default
-    model (the first one it was started with). Image and text embeddings of the
-    same model live in the same space: the cosine of an image's and a text's
-    normalised vectors says how well the text describes the image.
+    Every RPC that takes an image accepts it either as encoded bytes or as a
+    URI. A request may name one of the served models; an empty name selects
+    the server's default model (the first one it was started with). Image and
+    text embeddings of the same model live in the same space: the cosine of an
+    image's and a text's normalised vectors says how well the text describes
+    the image.
 
     Request-level failures are gRPC statuses whose details carry a
     google.rpc.ErrorInfo with domain "clipvision.dev" and one of the reasons
@@ -93,11 +94,12 @@ class EmbeddingServiceAsyncStub(EmbeddingServiceStub):
     """EmbeddingService turns images and texts into CLIP embeddings, and scores
     an image against text labels (zero-shot classification).
 
-    Every RPC accepts images either as encoded bytes or as a URI. A request may
-    name one of the served models; an empty name selects the server's default
-    model (the first one it was started with). Image and text embeddings of the
-    same model live in the same space: the cosine of an image's and a text's
-    normalised vectors says how well the text describes the image.
+    Every RPC that takes an image accepts it either as encoded bytes or as a
+    URI. A request may name one of the served models; an empty name selects
+    the server's default model (the first one it was started with). Image and
+    text embeddings of the same model live in the same space: the cosine of an
+    image's and a text's normalised vectors says how well the text describes
+    the image.
 
     Request-level failures are gRPC statuses whose details carry a
     google.rpc.ErrorInfo with domain "clipvision.dev" and one of the reasons
@@ -152,11 +154,12 @@ class EmbeddingServiceServicer(metaclass=_abc_1.ABCMeta):
     """EmbeddingService turns images and texts into CLIP embeddings, and scores
     an image against text labels (zero-shot classification).
 
-    Every RPC accepts images either as encoded bytes or as a URI. A request may
-    name one of the served models; an empty name selects the server's default
-    model (the first one it was started with). Image and text embeddings of the
-    same model live in the same space: the cosine of an image's and a text's
-    normalised vectors says how well the text describes the image.
+    Every RPC that takes an image accepts it either as encoded bytes or as a
+    URI. A request may name one of the served models; an empty name selects
+    the server's default model (the first one it was started with). Image and
+    text embeddings of the same model live in the same space: the cosine of an
+    image's and a text's normalised vectors says how well the text describes
+    the image.
 
     Request-level failures are gRPC statuses whose details carry a
     google.rpc.ErrorInfo with domain "clipvision.dev" and one of the reasons
