@@ -70,7 +70,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     defaults = Settings()
     parser = argparse.ArgumentParser(
         prog="clipvision-server",
-        description="Serve CLIP image embeddings over gRPC (clipvision.v1.EmbeddingService).",
+        description="Serve CLIP embeddings of images and texts, and zero-shot classification, "
+        "over gRPC: clipvision.v1.EmbeddingService, and the Open Inference Protocol "
+        "(inference.GRPCInferenceService) on the same port.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
 
