@@ -149,13 +149,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     option(
         "--max-batch-size",
         defaults.max_batch_size,
-        "most images per forward pass",
+        "most images (or texts) per forward pass of a tower",
         type=_positive_int,
     )
     option(
         "--max-batch-delay-ms",
         defaults.max_batch_delay_ms,
-        "how long a forming batch may wait for more images",
+        "how long a forming batch may wait for more images or texts",
         type=_non_negative_float,
     )
     option(
@@ -207,8 +207,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     option(
         "--memory-budget",
         defaults.memory_budget,
-        "bytes that images in flight may hold, shared fairly between callers: encoded bytes "
-        "and crops until answered, decode working sets (priced from the header) while "
+        "bytes that images and texts in flight may hold, shared fairly between callers: "
+        "encoded bytes and crops until answered, decode working sets (priced from the header) "
+        "while "
         f"decoding; past it unary calls get RESOURCE_EXHAUSTED and streams wait (default: "
         f"{BUDGET_FRACTION:g} x (--memory-limit - resident size once models are loaded))",
         type=byte_size,
@@ -216,7 +217,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     option(
         "--stream-window",
         defaults.stream_window,
-        "images one EmbedImageStream may have in flight before the server stops reading",
+        "items one stream (EmbedImageStream, EmbedTextStream, ModelStreamInfer) may have in "
+        "flight before the server stops reading it",
         type=_positive_int,
     )
     option(

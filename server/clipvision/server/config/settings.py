@@ -62,7 +62,7 @@ class Settings:
     metrics_address: str | None = None
     device: str = "auto"
     dtype: str = "auto"
-    # The image tower's runtime: auto (ONNX Runtime for float32 on the CPU where installed).
+    # Both towers' runtime: auto (ONNX Runtime for float32 on the CPU where installed).
     backend: str = "auto"
     # Intra-op threads of the forward pass; None: the CPUs the process may use (cgroup, affinity).
     threads: int | None = None
