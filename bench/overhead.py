@@ -1,0 +1,645 @@
+"""The server's own work per item, against a bare grpc.aio server's, in one run.
+
+    .venv/bin/python bench/overhead.py                   # every row, 8 s windows
+    .venv/bin/python bench/overhead.py --seconds 4       # shorter
+    .venv/bin/python bench/overhead.py --rows stream --profile /tmp/prof   # py-spy the server
+
+A near-free model (the tests' tiny 16-d CLIP, 32 px crops) makes the server's own
+work visible: what it spends per item beyond decoding, preprocessing and the forward
+pass. For each row, in one run on one machine:
+
+- the server (clipvision-server, torch backend, default settings) in its own
+  process, and a load generator in another, for a warm-up and a measured window;
+- server CPU per item: the server process's CPU time (every thread) over the
+  window, divided by the items answered in it;
+- the pipeline's CPU per item in-process: decode + preprocess of the same 64x64
+  JPEGs, and the tiny forward at batch 32 (for texts: tokenize + forward);
+- the server's own work = the two subtracted;
+- the floor: a bare grpc.aio server in the same venv, whose handlers receive the
+  same request messages (parsed by grpc) and answer a 16-float embedding, under
+  the same load: its CPU per message (per item for the batch rows);
+- own work / floor, the figure issue 20 sets targets for (at most 2x for the
+  stream and unary rows, 8x for the 32-item batch rows).
+
+It prints one table and writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from clipvision.v1 import embedding_service_pb2 as pb  # noqa: E402
+from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc  # noqa: E402
+
+PHOTOS = ROOT / "tests" / "data"
+DIMENSION = 16
+BATCH = 32
+TEXTS = [
+    "a photo of a cat",
+    "a photo of a dog sleeping on the sofa",
+    "an aerial photograph of the city at night",
+    "the quick brown fox jumps over the lazy dog",
+    "a bowl of ramen with an egg",
+    "a red bicycle leaning on a wall",
+]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One load pattern: which RPC, how many callers on how many connections, items per call."""
+
+    name: str
+    modality: str  # image or text
+    kind: str  # stream, unary or batch
+    callers: int
+    connections: int
+    per_call: int = 1
+
+
+ROWS = (
+    Row("one EmbedImageStream", "image", "stream", 1, 1),
+    Row("64 EmbedImage callers, 4 connections", "image", "unary", 64, 4),
+    Row("4 callers x 32-image EmbedImages", "image", "batch", 4, 4, BATCH),
+    Row("one EmbedTextStream", "text", "stream", 1, 1),
+    Row("64 EmbedText callers, 4 connections", "text", "unary", 64, 4),
+    Row("4 callers x 32-text EmbedTexts", "text", "batch", 4, 4, BATCH),
+)
+
+
+def make_jpegs(count: int = 12) -> list[bytes]:
+    """64x64 JPEGs cut from the test photographs, so that decoding costs what small images do."""
+    images = []
+    photos = sorted(PHOTOS.glob("*.[jp][pn]g"))
+    for index in range(count):
+        with Image.open(photos[index % len(photos)]) as photo:
+            rgb = photo.convert("RGB")
+        side = min(rgb.size)
+        shift = (index // len(photos)) * side // 8
+        box = (shift, 0, shift + side * 3 // 4, side * 3 // 4)
+        buffer = io.BytesIO()
+        rgb.crop(box).resize((64, 64), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
+        images.append(buffer.getvalue())
+    return images
+
+
+# -- the floor: a bare grpc.aio server ----------------------------------------------------------
+
+
+class BareServicer(pb_grpc.EmbeddingServiceServicer):
+    """Receives the same messages (grpc parses them) and answers a constant 16-float embedding."""
+
+    def __init__(self) -> None:
+        self.values = [0.25] * DIMENSION
+
+    def _embedding(self) -> pb.Embedding:
+        return pb.Embedding(values=self.values, model="bare", normalized=True)
+
+    async def EmbedImage(self, request: pb.EmbedImageRequest, context: Any) -> Any:  # noqa: N802
+        return pb.EmbedImageResponse(embedding=self._embedding())
+
+    async def EmbedImages(self, request: pb.EmbedImagesRequest, context: Any) -> Any:  # noqa: N802
+        results = [pb.EmbedImagesResult(embedding=self._embedding()) for _ in request.images]
+        return pb.EmbedImagesResponse(results=results)
+
+    async def EmbedImageStream(self, request_iterator: Any, context: Any) -> Any:  # noqa: N802
+        async for request in request_iterator:
+            yield pb.EmbedImageStreamResponse(id=request.id, embedding=self._embedding())
+
+    async def EmbedText(self, request: pb.EmbedTextRequest, context: Any) -> Any:  # noqa: N802
+        return pb.EmbedTextResponse(embedding=self._embedding())
+
+    async def EmbedTexts(self, request: pb.EmbedTextsRequest, context: Any) -> Any:  # noqa: N802
+        results = [pb.EmbedTextsResult(embedding=self._embedding()) for _ in request.texts]
+        return pb.EmbedTextsResponse(results=results)
+
+    async def EmbedTextStream(self, request_iterator: Any, context: Any) -> Any:  # noqa: N802
+        async for request in request_iterator:
+            yield pb.EmbedTextStreamResponse(id=request.id, embedding=self._embedding())
+
+    async def Classify(self, request: pb.ClassifyRequest, context: Any) -> Any:  # noqa: N802
+        return pb.ClassifyResponse()
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Any) -> Any:  # noqa: N802
+        return pb.GetModelInfoResponse()
+
+
+async def run_bare_server() -> None:
+    """The floor's process: listen on 127.0.0.1:0, print the port, serve until killed."""
+    server = grpc.aio.server()
+    pb_grpc.add_EmbeddingServiceServicer_to_server(BareServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"listening on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+    await server.wait_for_termination()
+
+
+class ServerUnderTest:
+    """A server process (clipvision or the bare floor), its port read from its log."""
+
+    def __init__(self, command: list[str], ready: str) -> None:
+        self.command = command
+        self.ready = ready
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.log: list[str] = []
+
+    def __enter__(self) -> ServerUnderTest:
+        self.process = subprocess.Popen(
+            self.command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        assert self.process.stderr is not None
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = self.process.stderr.readline().decode()
+            if not line:
+                raise RuntimeError("the server exited during start-up:\n" + "".join(self.log))
+            self.log.append(line)
+            if match := re.search(r"listening on [\d.]+:(\d+)", line):
+                self.port = int(match.group(1))
+            if self.port and self.ready in line:
+                break
+        else:
+            raise RuntimeError("the server did not start in time")
+        # Keep reading its log, so that it never blocks on a full pipe.
+        stderr, log = self.process.stderr, self.log
+
+        def drain() -> None:
+            for raw in stderr:
+                log.append(raw.decode())
+
+        threading.Thread(target=drain, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def cpu_seconds(self) -> float:
+        """The process's CPU time so far, every thread, user and system."""
+        assert self.process is not None
+        times = psutil.Process(self.process.pid).cpu_times()
+        return float(times.user + times.system)
+
+    def thread_seconds(self) -> dict[str, float]:
+        """CPU seconds so far per kind of thread: the event loop's (the main thread), gRPC
+        core's (named by gRPC), and the rest (preprocessing pool, device thread, others)."""
+        assert self.process is not None
+        pid = self.process.pid
+        totals: dict[str, float] = {}
+        ticks = os.sysconf("SC_CLK_TCK")
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                stat = (task / "stat").read_text()
+                comm = (task / "comm").read_text().strip()
+            except OSError:
+                continue
+            fields = stat.rpartition(")")[2].split()
+            seconds = (int(fields[11]) + int(fields[12])) / ticks
+            if int(task.name) == pid:
+                kind = "event loop"
+            elif comm.startswith(("grpc", "event_engine", "lifeguard")):
+                kind = "grpc core"
+            else:
+                kind = "other threads"
+            totals[kind] = totals.get(kind, 0.0) + seconds
+        return totals
+
+
+def clipvision_server(checkpoint: Path, args: Any) -> ServerUnderTest:
+    command = [
+        sys.executable,
+        "-m",
+        "clipvision.server.cli",
+        "--model",
+        f"tiny={checkpoint}",
+        "--backend",
+        args.backend,
+        "--device",
+        args.device,
+        "--onnx-cache-dir",
+        str(checkpoint.parent / "onnx"),
+        "--address",
+        "127.0.0.1:0",
+        *args.server_flag,
+    ]
+    return ServerUnderTest(command, "serving tiny")
+
+
+def bare_server() -> ServerUnderTest:
+    return ServerUnderTest([sys.executable, __file__, "--bare-server"], "listening on")
+
+
+# -- the load generator, in its own process -----------------------------------------------------
+
+
+def load_process(
+    port: int,
+    row: Row,
+    images: list[bytes],
+    warmup: float,
+    seconds: float,
+    pipe: multiprocessing.connection.Connection,
+) -> None:
+    """Run ``row`` against ``port``; send 'open' and 'close' as the window opens and closes,
+    then the items answered inside it and the window's length."""
+    asyncio.run(_load(port, row, images, warmup, seconds, pipe))
+
+
+async def _load(
+    port: int,
+    row: Row,
+    images: list[bytes],
+    warmup: float,
+    seconds: float,
+    pipe: multiprocessing.connection.Connection,
+) -> None:
+    answered = 0
+    opened = closed = 0.0
+    state = {"counting": False, "running": True}
+
+    def count(items: int) -> None:
+        nonlocal answered
+        if state["counting"]:
+            answered += items
+
+    requests = _requests(row, images)
+    async with contextlib.AsyncExitStack() as stack:
+        channels = [
+            await stack.enter_async_context(
+                grpc.aio.insecure_channel(
+                    f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+                )
+            )
+            for _ in range(row.connections)
+        ]
+        stubs = [pb_grpc.EmbeddingServiceStub(channel) for channel in channels]
+        callers = [
+            asyncio.create_task(_caller(row, stubs[i % len(stubs)], requests, count, state))
+            for i in range(row.callers)
+        ]
+        await asyncio.sleep(warmup)
+        state["counting"] = True
+        opened = time.perf_counter()
+        pipe.send("open")
+        await asyncio.sleep(seconds)
+        state["counting"] = False
+        closed = time.perf_counter()
+        pipe.send("close")
+        state["running"] = False
+        for task in callers:
+            task.cancel()
+        await asyncio.gather(*callers, return_exceptions=True)
+    pipe.send((answered, closed - opened))
+
+
+def _requests(row: Row, images: list[bytes]) -> list[Any]:
+    """Messages built once, so that the load generator spends its CPU on the wire, not here."""
+    items = [pb.Image(content=data) for data in images]
+    if row.modality == "image":
+        if row.kind == "stream":
+            return [
+                pb.EmbedImageStreamRequest(id=str(i), image=items[i % len(items)])
+                for i in range(1024)
+            ]
+        if row.kind == "unary":
+            return [pb.EmbedImageRequest(image=item) for item in items]
+        return [
+            pb.EmbedImagesRequest(images=[items[(i + j) % len(items)] for j in range(row.per_call)])
+            for i in range(len(items))
+        ]
+    if row.kind == "stream":
+        return [
+            pb.EmbedTextStreamRequest(id=str(i), text=TEXTS[i % len(TEXTS)]) for i in range(1024)
+        ]
+    if row.kind == "unary":
+        return [pb.EmbedTextRequest(text=text) for text in TEXTS]
+    return [
+        pb.EmbedTextsRequest(texts=[TEXTS[(i + j) % len(TEXTS)] for j in range(row.per_call)])
+        for i in range(len(TEXTS))
+    ]
+
+
+async def _caller(
+    row: Row,
+    stub: pb_grpc.EmbeddingServiceStub,
+    requests: list[Any],
+    count: Callable[[int], None],
+    state: dict[str, bool],
+) -> None:
+    method: Any
+    if row.kind == "stream":
+
+        async def stream() -> AsyncIterator[Any]:
+            index = 0
+            while state["running"]:
+                yield requests[index % len(requests)]
+                index += 1
+
+        method = stub.EmbedImageStream if row.modality == "image" else stub.EmbedTextStream
+        async for response in method(stream()):
+            if response.HasField("error"):
+                raise RuntimeError(response.error.message)
+            count(1)
+        return
+    if row.kind == "unary":
+        method = stub.EmbedImage if row.modality == "image" else stub.EmbedText
+    else:
+        method = stub.EmbedImages if row.modality == "image" else stub.EmbedTexts
+    index = 0
+    while state["running"]:
+        response = await method(requests[index % len(requests)], timeout=60)
+        index += 1
+        if row.kind == "batch" and any(r.HasField("error") for r in response.results):
+            raise RuntimeError("a batch item failed")
+        count(row.per_call)
+
+
+@dataclass
+class Measured:
+    """One row against one server."""
+
+    items_per_s: float
+    cpu_ms_per_item: float
+    threads_ms_per_item: dict[str, float]
+
+
+def measure(server: ServerUnderTest, row: Row, images: list[bytes], args: Any) -> Measured:
+    """Run ``row`` in a load process; the server's CPU time is read as the window opens/closes."""
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    load = context.Process(
+        target=load_process, args=(server.port, row, images, args.warmup, args.seconds, theirs)
+    )
+    load.start()
+    profiler: subprocess.Popen[bytes] | None = None
+    try:
+        assert ours.recv() == "open"
+        cpu_open = server.cpu_seconds()
+        threads_open = server.thread_seconds()
+        if args.profile and server.process is not None and server.ready != "listening on":
+            profiler = _profile(server.process.pid, row, args)
+        assert ours.recv() == "close"
+        cpu_close = server.cpu_seconds()
+        threads_close = server.thread_seconds()
+        answered, window = ours.recv()
+    finally:
+        load.join(60)
+        if load.is_alive():
+            load.kill()
+        if profiler is not None:
+            profiler.wait(60)
+    if not answered:
+        raise RuntimeError(f"{row.name}: nothing was answered in the window")
+    threads = {
+        kind: (threads_close[kind] - threads_open.get(kind, 0.0)) * 1000 / answered
+        for kind in threads_close
+    }
+    return Measured(answered / window, (cpu_close - cpu_open) * 1000 / answered, threads)
+
+
+def _profile(pid: int, row: Row, args: Any) -> subprocess.Popen[bytes]:
+    """py-spy records the server's threads (idle ones left out) for the window."""
+    out = Path(args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    name = re.sub(r"[^a-z0-9]+", "-", row.name.lower()).strip("-")
+    return subprocess.Popen(
+        [
+            "py-spy",
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(int(args.seconds)),
+            "--rate",
+            "200",
+            "--format",
+            args.profile_format,
+            "--output",
+            str(out / f"{name}.{'svg' if args.profile_format == 'flamegraph' else 'txt'}"),
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+# -- the pipeline in-process --------------------------------------------------------------------
+
+
+def pipeline_cpu_ms(checkpoint: Path, images: list[bytes], args: Any) -> dict[str, float]:
+    """CPU ms per item of what the server must do anyway: decode + preprocess and the forward
+    pass at batch 32 for images, tokenize and the forward pass for texts, on the backend
+    and device the server picks for the same flags (its ONNX export is reused there)."""
+    from clipvision.server.config.limits import ImageLimits
+    from clipvision.server.config.settings import ModelSpec
+    from clipvision.server.runtime.backends import prepare_image_runner, prepare_text_runner
+    from clipvision.server.runtime.checkpoint import (
+        load_checkpoint,
+        resolve_device,
+        resolve_dtype,
+    )
+    from clipvision.server.runtime.image_encoder import ClipImageEncoder
+    from clipvision.server.runtime.text_encoder import ClipTextEncoder
+
+    device = resolve_device(args.device)
+    loaded = load_checkpoint(
+        ModelSpec.parse(f"tiny={checkpoint}"), device=device, dtype=resolve_dtype("auto", device)
+    )
+    runners: dict[str, Any] = {
+        "backend": args.backend,
+        "threads": None,
+        "cache_dir": str(checkpoint.parent / "onnx"),
+    }
+    image_runner = prepare_image_runner("tiny", loaded, **runners)
+    text_runner = prepare_text_runner("tiny", loaded, **runners)
+    encoder = ClipImageEncoder("tiny", str(checkpoint), loaded, ImageLimits(), image_runner)
+    assert loaded.text is not None
+    texts = ClipTextEncoder("tiny", loaded.text, device, 65536, text_runner)
+    encoder.warm_up((1, BATCH))
+    texts.warm_up((1, BATCH))
+    rounds = 40
+
+    def cpu(work: Callable[[], object], items: int) -> float:
+        work()
+        started = time.process_time()
+        for _ in range(rounds):
+            work()
+        return (time.process_time() - started) * 1000 / (rounds * items)
+
+    batch = [images[i % len(images)] for i in range(BATCH)]
+    pixels = [encoder.preprocess(data) for data in batch]
+    prose = [TEXTS[i % len(TEXTS)] for i in range(BATCH)]
+    ids = [texts.tokenize(text, True).ids for text in prose]
+    preprocess = cpu(lambda: [encoder.preprocess(data) for data in batch], BATCH)
+    forward = cpu(lambda: encoder.embed_batch(pixels), BATCH)
+    tokenize = cpu(lambda: [texts.tokenize(text, True) for text in prose], BATCH)
+    text_forward = cpu(lambda: texts.embed_batch(ids), BATCH)
+    return {
+        "image_preprocess": preprocess,
+        "image_forward": forward,
+        "image": preprocess + forward,
+        "text_tokenize": tokenize,
+        "text_forward": text_forward,
+        "text": tokenize + text_forward,
+    }
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+def build_checkpoint(directory: Path) -> Path:
+    from tests.checkpoints import build_clip_model
+
+    target = directory / "tiny-clip"
+    build_clip_model(target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured window per row")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before it")
+    parser.add_argument(
+        "--rows",
+        default="",
+        help="comma-separated words a row's name must contain (stream, unary, batch, image, "
+        "text); default every row",
+    )
+    parser.add_argument(
+        "--backend", default="auto", help="the server's --backend (auto: ONNX Runtime on a CPU)"
+    )
+    parser.add_argument("--device", default="auto", help="the server's --device")
+    parser.add_argument("--server-flag", action="append", default=[], help="extra server flags")
+    parser.add_argument("--profile", default="", help="py-spy the server into this folder")
+    parser.add_argument(
+        "--profile-format", default="raw", choices=("raw", "flamegraph", "speedscope")
+    )
+    parser.add_argument("--no-floor", action="store_true", help="skip the bare server")
+    parser.add_argument("--out", default="", help="write the results as JSON here")
+    parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.bare_server:
+        asyncio.run(run_bare_server())
+        return 0
+    wanted = [word.strip() for word in args.rows.split(",") if word.strip()]
+    rows = [
+        row
+        for row in ROWS
+        if all(word in (row.kind, row.modality) or word in row.name for word in wanted)
+    ]
+    images = make_jpegs()
+    threads = max(1, len(os.sched_getaffinity(0)))
+    results: dict[str, Any] = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cpus": threads,
+            "python": platform.python_version(),
+            "grpcio": grpc.__version__,
+        },
+        "rows": [],
+    }
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = build_checkpoint(Path(directory))
+        inprocess = pipeline_cpu_ms(checkpoint, images, args)
+        results["in_process_ms"] = inprocess
+        floor: dict[str, Measured] = {}
+        if not args.no_floor:
+            with bare_server() as bare:
+                for row in rows:
+                    floor[row.name] = measure(bare, row, images, args)
+        ours: dict[str, Measured] = {}
+        with clipvision_server(checkpoint, args) as server:
+            for row in rows:
+                ours[row.name] = measure(server, row, images, args)
+    for row in rows:
+        measured = ours[row.name]
+        pipeline = inprocess[row.modality]
+        own = measured.cpu_ms_per_item - pipeline
+        entry: dict[str, Any] = {
+            "row": asdict(row),
+            "items_per_s": measured.items_per_s,
+            "server_cpu_ms_per_item": measured.cpu_ms_per_item,
+            "pipeline_cpu_ms_per_item": pipeline,
+            "own_ms_per_item": own,
+            "threads_ms_per_item": measured.threads_ms_per_item,
+        }
+        if row.name in floor:
+            base = floor[row.name]
+            entry["floor_items_per_s"] = base.items_per_s
+            entry["floor_cpu_ms_per_item"] = base.cpu_ms_per_item
+            entry["own_over_floor"] = own / base.cpu_ms_per_item
+            entry["target"] = 8.0 if row.kind == "batch" else 2.0
+        results["rows"].append(entry)
+    print_table(results)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def print_table(results: dict[str, Any]) -> None:
+    machine = results["machine"]
+    inprocess = results["in_process_ms"]
+    print(
+        f"\n{machine['cpu']}, {machine['cpus']} CPUs, Python {machine['python']}, "
+        f"grpcio {machine['grpcio']}; in-process per item: image "
+        f"{inprocess['image_preprocess']:.3f} ms preprocess + {inprocess['image_forward']:.3f} ms "
+        f"forward, text {inprocess['text_tokenize']:.3f} ms tokenize + "
+        f"{inprocess['text_forward']:.3f} ms forward (batch {BATCH})\n"
+    )
+    header = (
+        "| pattern | server items/s | server CPU per item | of which pipeline (in-process) "
+        "| the server's own work | bare grpc.aio per item | own / bare (target) |"
+    )
+    print(header)
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for entry in results["rows"]:
+        floor = entry.get("floor_cpu_ms_per_item")
+        ratio = entry.get("own_over_floor")
+        versus = f"{ratio:.1f}x (<= {entry.get('target', 0):g}x)" if ratio is not None else "-"
+        print(
+            f"| {entry['row']['name']} | {entry['items_per_s']:,.0f} "
+            f"| {entry['server_cpu_ms_per_item']:.3f} ms "
+            f"| {entry['pipeline_cpu_ms_per_item']:.3f} ms "
+            f"| {entry['own_ms_per_item']:.3f} ms "
+            f"| {f'{floor:.3f} ms' if floor is not None else '-'} "
+            f"| {versus} |"
+        )
+    print("\nserver CPU per item by thread:")
+    for entry in results["rows"]:
+        split = ", ".join(
+            f"{kind} {ms:.3f} ms" for kind, ms in sorted(entry["threads_ms_per_item"].items())
+        )
+        print(f"- {entry['row']['name']}: {split}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
