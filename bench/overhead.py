@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -166,6 +167,7 @@ class ServerUnderTest:
         self.ready = ready
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.metrics_port = 0
         self.log: list[str] = []
 
     def __enter__(self) -> ServerUnderTest:
@@ -181,6 +183,8 @@ class ServerUnderTest:
             self.log.append(line)
             if match := re.search(r"listening on [\d.]+:(\d+)", line):
                 self.port = int(match.group(1))
+            if match := re.search(r"metrics on http://[\d.]+:(\d+)/", line):
+                self.metrics_port = int(match.group(1))
             if self.port and self.ready in line:
                 break
         else:
@@ -209,9 +213,28 @@ class ServerUnderTest:
         times = psutil.Process(self.process.pid).cpu_times()
         return float(times.user + times.system)
 
+    def batches(self) -> tuple[float, float]:
+        """(items, batches) the server's device has run so far, both modalities, from /metrics;
+        (0, 0) for the bare server, which has no metrics."""
+        if not self.metrics_port:
+            return 0.0, 0.0
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        items = count = 0.0
+        for line in text.splitlines():
+            if line.startswith(("clipvision_batch_size_sum", "clipvision_text_batch_size_sum")):
+                items += float(line.rsplit(" ", 1)[1])
+            elif line.startswith(
+                ("clipvision_batch_size_count", "clipvision_text_batch_size_count")
+            ):
+                count += float(line.rsplit(" ", 1)[1])
+        return items, count
+
     def thread_seconds(self) -> dict[str, float]:
         """CPU seconds so far per kind of thread: the event loop's (the main thread), gRPC
-        core's (named by gRPC), and the rest (preprocessing pool, device thread, others)."""
+        core's (named by gRPC), the preprocessing pool's and the device thread's with the
+        runtime's workers it started (named by the server), and the rest."""
         assert self.process is not None
         pid = self.process.pid
         totals: dict[str, float] = {}
@@ -228,6 +251,8 @@ class ServerUnderTest:
                 kind = "event loop"
             elif comm.startswith(("grpc", "event_engine", "lifeguard")):
                 kind = "grpc core"
+            elif comm.startswith("cv-"):  # the server names its pools (ops/threads.py)
+                kind = comm.removeprefix("cv-")
             else:
                 kind = "other threads"
             totals[kind] = totals.get(kind, 0.0) + seconds
@@ -248,6 +273,8 @@ def clipvision_server(checkpoint: Path, args: Any) -> ServerUnderTest:
         "--onnx-cache-dir",
         str(checkpoint.parent / "onnx"),
         "--address",
+        "127.0.0.1:0",
+        "--metrics-address",
         "127.0.0.1:0",
         *args.server_flag,
     ]
@@ -390,6 +417,7 @@ class Measured:
     items_per_s: float
     cpu_ms_per_item: float
     threads_ms_per_item: dict[str, float]
+    mean_batch: float
 
 
 def measure(server: ServerUnderTest, row: Row, images: list[bytes], args: Any) -> Measured:
@@ -405,11 +433,13 @@ def measure(server: ServerUnderTest, row: Row, images: list[bytes], args: Any) -
         assert ours.recv() == "open"
         cpu_open = server.cpu_seconds()
         threads_open = server.thread_seconds()
+        batches_open = server.batches()
         if args.profile and server.process is not None and server.ready != "listening on":
             profiler = _profile(server.process.pid, row, args)
         assert ours.recv() == "close"
         cpu_close = server.cpu_seconds()
         threads_close = server.thread_seconds()
+        batches_close = server.batches()
         answered, window = ours.recv()
     finally:
         load.join(60)
@@ -423,7 +453,14 @@ def measure(server: ServerUnderTest, row: Row, images: list[bytes], args: Any) -
         kind: (threads_close[kind] - threads_open.get(kind, 0.0)) * 1000 / answered
         for kind in threads_close
     }
-    return Measured(answered / window, (cpu_close - cpu_open) * 1000 / answered, threads)
+    items = batches_close[0] - batches_open[0]
+    batches = batches_close[1] - batches_open[1]
+    return Measured(
+        answered / window,
+        (cpu_close - cpu_open) * 1000 / answered,
+        threads,
+        items / batches if batches else 0.0,
+    )
 
 
 def _profile(pid: int, row: Row, args: Any) -> subprocess.Popen[bytes]:
@@ -591,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
             "pipeline_cpu_ms_per_item": pipeline,
             "own_ms_per_item": own,
             "threads_ms_per_item": measured.threads_ms_per_item,
+            "mean_batch": measured.mean_batch,
         }
         if row.name in floor:
             base = floor[row.name]
@@ -638,7 +676,7 @@ def print_table(results: dict[str, Any]) -> None:
         split = ", ".join(
             f"{kind} {ms:.3f} ms" for kind, ms in sorted(entry["threads_ms_per_item"].items())
         )
-        print(f"- {entry['row']['name']}: {split}")
+        print(f"- {entry['row']['name']}: {split}; mean batch {entry['mean_batch']:.1f}")
 
 
 if __name__ == "__main__":

@@ -195,25 +195,35 @@ async def test_decodes_are_started_least_served_caller_first() -> None:
         await asyncio.sleep(0.05)
         calls += [run("polite", i, 10) for i in range(2)]
         await asyncio.sleep(0.05)
-        assert started == ["greedy-0"]  # one slot: the pool's queue never holds a backlog
+        # One slot, and greedy's four jobs went to it in one chunk: the worker stops after
+        # the slow first one (its time slice is over) and hands the other three back.
+        assert started == ["greedy-0"]
         gate.set()
         assert await asyncio.gather(*calls)
-    # Polite joins level with greedy and goes first (fewer jobs); then whoever was served
-    # less in weight: greedy (100) before polite (110), then polite (110) before greedy (200).
-    assert started == ["greedy-0", "polite-0", "greedy-1", "polite-1", "greedy-2", "greedy-3"]
+    # Polite joins level with what greedy had finished (nothing: greedy-0 was running), so
+    # it is served first, until it has been served more than greedy (100).
+    assert started == ["greedy-0", "polite-0", "polite-1", "greedy-1", "greedy-2", "greedy-3"]
     assert len(finished) == 6
 
 
 async def test_a_cancelled_caller_does_not_cut_its_decode_short() -> None:
     gate = threading.Event()
+    ran: list[str] = []
     ended: list[str] = []
+
+    def job(name: str, wait: bool) -> None:
+        ran.append(name)
+        if wait:
+            gate.wait(5)
+
     with ThreadPoolExecutor(1) as executor:
         dispatcher = FairDispatcher(executor, slots=1)
         running = asyncio.ensure_future(
-            dispatcher.run("a", 1, lambda: gate.wait(5), lambda: ended.append("running"))
+            dispatcher.run("a", 1, lambda: job("running", True), lambda: ended.append("running"))
         )
+        await asyncio.sleep(0.05)
         queued = asyncio.ensure_future(
-            dispatcher.run("b", 1, lambda: True, lambda: ended.append("queued"))
+            dispatcher.run("b", 1, lambda: job("queued", False), lambda: ended.append("queued"))
         )
         await asyncio.sleep(0.05)
         running.cancel()
@@ -227,6 +237,41 @@ async def test_a_cancelled_caller_does_not_cut_its_decode_short() -> None:
                 break
             await asyncio.sleep(0.01)
     assert ended == ["queued", "running"]
+    assert ran == ["running"]
+    assert dispatcher.running == 0
+
+
+async def test_a_cancelled_job_in_a_running_chunk_never_starts() -> None:
+    gate = threading.Event()
+    ran: list[str] = []
+    ended: list[str] = []
+
+    def job(name: str, wait: bool) -> None:
+        ran.append(name)
+        if wait:
+            gate.wait(5)
+
+    with ThreadPoolExecutor(1) as executor:
+        dispatcher = FairDispatcher(executor, slots=1)
+        # Submitted in one turn of the loop: both go to the worker in one chunk.
+        running = asyncio.ensure_future(
+            dispatcher.run("a", 1, lambda: job("running", True), lambda: ended.append("running"))
+        )
+        queued = asyncio.ensure_future(
+            dispatcher.run("b", 1, lambda: job("queued", False), lambda: ended.append("queued"))
+        )
+        await asyncio.sleep(0.05)
+        assert ran == ["running"]
+        queued.cancel()
+        await asyncio.sleep(0.05)
+        gate.set()
+        assert await running is None
+        for _ in range(100):
+            if len(ended) == 2:
+                break
+            await asyncio.sleep(0.01)
+    assert ran == ["running"], "a job whose caller left is not started"
+    assert sorted(ended) == ["queued", "running"]
     assert dispatcher.running == 0
 
 

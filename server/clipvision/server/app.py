@@ -27,6 +27,7 @@ from clipvision.server.config.settings import Settings
 from clipvision.server.errors import CheckpointError
 from clipvision.server.ops.health import HealthReporter
 from clipvision.server.ops.metrics import ServerMetrics
+from clipvision.server.ops.threads import name_this_thread
 from clipvision.server.ops.watchdog import DeviceWatchdog
 from clipvision.server.pipelines.images import ImagePipeline
 from clipvision.server.pipelines.sources import ImageSources
@@ -136,13 +137,16 @@ class ClipVisionServer:
         self._device_executor = ThreadPoolExecutor(
             1,
             thread_name_prefix="clipvision-device",
-            initializer=torch.set_num_threads,
+            initializer=_device_thread,
             # OpenMP's thread count is per thread: a new thread does not inherit the
             # main thread's, and measured 15 % slower on CPU until it is set there.
             initargs=(torch.get_num_threads(),),
         )
         self._preprocess_executor = ThreadPoolExecutor(
-            settings.preprocess_workers, thread_name_prefix="clipvision-preprocess"
+            settings.preprocess_workers,
+            thread_name_prefix="clipvision-preprocess",
+            initializer=name_this_thread,
+            initargs=("cv-preprocess",),
         )
         self.metrics = ServerMetrics()
         self.registry = ModelRegistry(settings, self._device_executor, observer=self.metrics)
@@ -151,6 +155,8 @@ class ClipVisionServer:
             self.registry.busy_batches, self.health, settings.watchdog_timeout_s
         )
         self.metrics.watch_devices(self.registry.devices)
+        self.metrics.watch_queues(self.registry.queue_depths)
+        self.metrics.watch_budget(self.registry.budget.usage)
         # The gate goes first: it refuses, counts slots and reads requests for every service.
         self.gate = CallGate(gate_limits(settings), self.metrics, settings.auth_token)
         self._interceptors = (self.gate, ErrorMappingInterceptor(self.metrics))
@@ -254,6 +260,11 @@ class ClipVisionServer:
         await self.sources.aclose()
         self._preprocess_executor.shutdown(wait=False, cancel_futures=True)
         self._device_executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _device_thread(threads: int) -> None:
+    name_this_thread("cv-device")
+    torch.set_num_threads(threads)
 
 
 def _exit_at_once() -> NoReturn:

@@ -10,22 +10,20 @@ statuses) or answered in-band per item.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 from clipvision.server.api.call_context import Context, caller_of, patience
 from clipvision.server.api.item_errors import ItemErrorObserver, item_error
-from clipvision.server.api.streams import answer_in_order, answered
+from clipvision.server.api.streams import StreamItem, answer_in_order, answered
 from clipvision.server.errors import (
     ClipVisionError,
     InvalidRequestError,
-    OverloadedError,
     Reason,
 )
 from clipvision.server.pipelines.classify import ClassifyPipeline, check_labels
-from clipvision.server.pipelines.gather import all_or_none
 from clipvision.server.pipelines.images import ImagePipeline
 from clipvision.server.pipelines.texts import TextPipeline, TextVector
 from clipvision.server.resources.admission import seconds_until
@@ -37,7 +35,6 @@ from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
-Result = TypeVar("Result", pb.EmbedImagesResult, pb.EmbedTextsResult)
 StreamResponse = TypeVar("StreamResponse", pb.EmbedImageStreamResponse, pb.EmbedTextStreamResponse)
 
 
@@ -68,7 +65,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         self, request: pb.EmbedImageRequest, context: Context
     ) -> pb.EmbedImageResponse:
         """Embed one image; any fault fails the call."""
-        model = await self._registry.get(request.model)
+        model = await self._model(request.model)
         normalize = _flag(request, "normalize")
         caller, deadline = caller_of(context), patience(context)
         async with model.batcher.admit(caller, 1, seconds_until(deadline)):
@@ -80,52 +77,66 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     ) -> pb.EmbedImagesResponse:
         """Embed a batch; per-image faults are reported in-band, in order."""
         _check_count(len(request.images), self._limits.max_batch_images, "images")
-        model = await self._registry.get(request.model)
+        model = await self._model(request.model)
         normalize = _flag(request, "normalize")
         caller, deadline = caller_of(context), patience(context)
-
-        async def one(image: pb.Image) -> pb.EmbedImagesResult:
-            vector = await self._images.embed(model, caller, image, normalize, deadline)
-            return pb.EmbedImagesResult(embedding=_embedding(model, vector, normalize))
-
         async with model.batcher.admit(caller, len(request.images), seconds_until(deadline)):
-            results = await all_or_none(
-                [self._in_band(one(image), pb.EmbedImagesResult) for image in request.images]
+            outcomes = await self._images.embed_many(
+                model, caller, request.images, normalize, deadline
             )
-        return pb.EmbedImagesResponse(results=results)
+        name = model.name
+        return pb.EmbedImagesResponse(
+            results=[
+                pb.EmbedImagesResult(error=self._item_error(outcome))
+                if isinstance(outcome, Exception)
+                else pb.EmbedImagesResult(
+                    embedding=pb.Embedding(
+                        values=outcome.tolist(), model=name, normalized=normalize
+                    )
+                )
+                for outcome in outcomes
+            ]
+        )
 
     async def EmbedImageStream(
         self, request_iterator: AsyncIterator[pb.EmbedImageStreamRequest], context: Context
     ) -> AsyncIterator[pb.EmbedImageStreamResponse]:
         """One response per request, in request order; the window bounds what is in flight."""
         caller = caller_of(context)
+        budget = self._registry.budget
 
         async def start(
             request: pb.EmbedImageStreamRequest,
-        ) -> tuple[asyncio.Future[pb.EmbedImageStreamResponse], asyncio.Future[None] | None]:
-            # Inline bytes are read no further until the image fits the memory budget:
-            # waiting on `admitted` is the stream's backpressure for memory (URIs are
-            # fetched in parallel and wait for the budget in their tasks).
-            inline = request.image.WhichOneof("source") == "content"
-            admitted = asyncio.get_running_loop().create_future() if inline else None
-
-            async def embed(model: ServedModel) -> pb.EmbedImageStreamResponse:
-                normalize = _flag(request, "normalize")
-                vector = await self._images.embed(
-                    model, caller, request.image, normalize, None, admitted
+        ) -> StreamItem[pb.EmbedImageStreamResponse]:
+            try:
+                model = self._registry.ready(request.model) or await self._registry.get(
+                    request.model
                 )
-                embedding = _embedding(model, vector, normalize)
-                return pb.EmbedImageStreamResponse(id=request.id, embedding=embedding)
-
-            return await self._start_stream_item(
-                request.id,
-                request.model,
-                caller,
-                embed,
-                pb.EmbedImageStreamResponse,
-                lambda model: model.batcher,
-                admitted,
-            )
+            except ClipVisionError as exc:
+                return self._answered(pb.EmbedImageStreamResponse(id=request.id), exc)
+            image: pb.Image | bytes = request.image
+            held = None
+            if request.image.WhichOneof("source") == "content":
+                # The bytes are read (twice: the message's and ours) and held in the read
+                # room until the image is admitted; waiting here for room stops the reading,
+                # which is the stream's backpressure for memory. URIs are fetched in
+                # parallel and wait for the budget in their own stage.
+                image = request.image.content
+                held = budget.try_read(caller, 2 * len(image)) or await budget.read(
+                    caller, 2 * len(image)
+                )
+            batcher = model.batcher
+            try:
+                await batcher.reserve(caller)
+            except BaseException:
+                if held is not None:
+                    held.release()
+                raise
+            normalize = _flag(request, "normalize")
+            future = self._images.start(model, caller, image, normalize, None, held)
+            future.add_done_callback(lambda _: batcher.release(caller))
+            respond = functools.partial(self._image_answer, request.id, model.name, normalize)
+            return StreamItem(future, respond)
 
         async for response in answer_in_order(
             request_iterator, start, window=self._limits.stream_window, drain=self._registry
@@ -138,7 +149,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         self, request: pb.EmbedTextRequest, context: Context
     ) -> pb.EmbedTextResponse:
         """Embed one text; any fault fails the call."""
-        model = await self._registry.get(request.model)
+        model = await self._model(request.model)
         tower = model.text_tower()
         normalize = _flag(request, "normalize")
         caller, deadline = caller_of(context), patience(context)
@@ -153,20 +164,30 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     ) -> pb.EmbedTextsResponse:
         """Embed a batch of texts; per-text faults are reported in-band, in order."""
         _check_count(len(request.texts), self._limits.max_batch_texts, "texts")
-        model = await self._registry.get(request.model)
+        model = await self._model(request.model)
         tower = model.text_tower()
         normalize, truncate = _flag(request, "normalize"), _flag(request, "truncate")
         caller, deadline = caller_of(context), patience(context)
-
-        async def one(text: str) -> pb.EmbedTextsResult:
-            vector = await self._texts.embed(model, caller, text, normalize, truncate, deadline)
-            return pb.EmbedTextsResult(embedding=_text_embedding(model, vector, normalize))
-
         async with tower.batcher.admit(caller, len(request.texts), seconds_until(deadline)):
-            results = await all_or_none(
-                [self._in_band(one(text), pb.EmbedTextsResult) for text in request.texts]
+            outcomes = await self._texts.embed_many(
+                model, caller, request.texts, normalize, truncate, deadline
             )
-        return pb.EmbedTextsResponse(results=results)
+        name = model.name
+        return pb.EmbedTextsResponse(
+            results=[
+                pb.EmbedTextsResult(error=self._item_error(outcome))
+                if isinstance(outcome, Exception)
+                else pb.EmbedTextsResult(
+                    embedding=pb.Embedding(
+                        values=outcome.vector.tolist(),
+                        model=name,
+                        normalized=normalize,
+                        truncated=outcome.truncated,
+                    )
+                )
+                for outcome in outcomes
+            ]
+        )
 
     async def EmbedTextStream(
         self, request_iterator: AsyncIterator[pb.EmbedTextStreamRequest], context: Context
@@ -176,24 +197,22 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
         async def start(
             request: pb.EmbedTextStreamRequest,
-        ) -> tuple[asyncio.Future[pb.EmbedTextStreamResponse], asyncio.Future[None] | None]:
-            async def embed(model: ServedModel) -> pb.EmbedTextStreamResponse:
-                normalize = _flag(request, "normalize")
-                text = await self._texts.embed(
-                    model, caller, request.text, normalize, _flag(request, "truncate"), None
+        ) -> StreamItem[pb.EmbedTextStreamResponse]:
+            try:
+                model = self._registry.ready(request.model) or await self._registry.get(
+                    request.model
                 )
-                embedding = _text_embedding(model, text, normalize)
-                return pb.EmbedTextStreamResponse(id=request.id, embedding=embedding)
-
-            return await self._start_stream_item(
-                request.id,
-                request.model,
-                caller,
-                embed,
-                pb.EmbedTextStreamResponse,
-                lambda model: model.text_tower().batcher,
-                None,
+                batcher = model.text_tower().batcher
+            except ClipVisionError as exc:
+                return self._answered(pb.EmbedTextStreamResponse(id=request.id), exc)
+            await batcher.reserve(caller)
+            normalize = _flag(request, "normalize")
+            future = self._texts.start(
+                model, caller, request.text, normalize, _flag(request, "truncate"), None
             )
+            future.add_done_callback(lambda _: batcher.release(caller))
+            respond = functools.partial(self._text_answer, request.id, model.name, normalize)
+            return StreamItem(future, respond)
 
         async for response in answer_in_order(
             request_iterator, start, window=self._limits.stream_window, drain=self._registry
@@ -261,51 +280,37 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     # -- items ----------------------------------------------------------------
 
-    async def _start_stream_item(
-        self,
-        request_id: str,
-        model_name: str,
-        caller: str,
-        embed: Callable[[ServedModel], Coroutine[Any, Any, StreamResponse]],
-        response_type: type[StreamResponse],
-        batcher_of: Callable[[ServedModel], Any],
-        admitted: asyncio.Future[None] | None,
-    ) -> tuple[asyncio.Future[StreamResponse], asyncio.Future[None] | None]:
-        """Start one stream item once its model has room; waiting here stops the reading."""
-        try:
-            model = await self._registry.get(model_name)
-            batcher = batcher_of(model)
-        except ClipVisionError as exc:
-            return answered(response_type(id=request_id, error=self._item_error(exc))), None
-        await batcher.reserve(caller)
+    async def _model(self, name: str) -> ServedModel:
+        """The model a call names, without a wait when it is loaded (the common case)."""
+        return self._registry.ready(name) or await self._registry.get(name)
 
-        async def run() -> StreamResponse:
-            try:
-                return await embed(model)
-            except Exception as exc:
-                return response_type(id=request_id, error=self._item_error(exc))
+    def _image_answer(
+        self, request_id: str, model: str, normalize: bool, outcome: FloatArray | Exception
+    ) -> pb.EmbedImageStreamResponse:
+        if isinstance(outcome, Exception):
+            return pb.EmbedImageStreamResponse(id=request_id, error=self._item_error(outcome))
+        embedding = pb.Embedding(values=outcome.tolist(), model=model, normalized=normalize)
+        return pb.EmbedImageStreamResponse(id=request_id, embedding=embedding)
 
-        task = asyncio.get_running_loop().create_task(run())
+    def _text_answer(
+        self, request_id: str, model: str, normalize: bool, outcome: TextVector | Exception
+    ) -> pb.EmbedTextStreamResponse:
+        if isinstance(outcome, Exception):
+            return pb.EmbedTextStreamResponse(id=request_id, error=self._item_error(outcome))
+        embedding = pb.Embedding(
+            values=outcome.vector.tolist(),
+            model=model,
+            normalized=normalize,
+            truncated=outcome.truncated,
+        )
+        return pb.EmbedTextStreamResponse(id=request_id, embedding=embedding)
 
-        def finished(_: object) -> None:
-            # A done-callback, not a finally: a task cancelled before it starts runs no code.
-            batcher.release(caller)
-            if admitted is not None and not admitted.done():
-                admitted.set_result(None)
-
-        task.add_done_callback(finished)
-        return task, admitted
-
-    async def _in_band(
-        self, work: Coroutine[Any, Any, Result], result_type: type[Result]
-    ) -> Result:
-        """The item's result, or its fault as an in-band ItemError; overload fails the call."""
-        try:
-            return await work
-        except OverloadedError:
-            raise  # the call as a whole is refused: retrying it later is the remedy
-        except Exception as exc:
-            return result_type(error=self._item_error(exc))
+    def _answered(
+        self, response: StreamResponse, error: ClipVisionError
+    ) -> StreamItem[StreamResponse]:
+        """A stream item answered at once with its fault (an unknown model, say)."""
+        response.error.CopyFrom(self._item_error(error))
+        return StreamItem(answered(response), _same)
 
     def _item_error(self, exc: Exception) -> pb.ItemError:
         """The in-band form of a per-item fault, counted; bugs are logged without detail out."""
@@ -313,6 +318,10 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         if self._observer is not None:
             self._observer.on_item_error(error.reason)
         return error
+
+
+def _same(response: Any) -> Any:
+    return response
 
 
 def _check_count(count: int, limit: int, what: str) -> None:

@@ -27,7 +27,7 @@ from clipvision.inference_v2 import grpc_service_pb2 as oip
 from clipvision.inference_v2 import grpc_service_pb2_grpc as oip_grpc
 from clipvision.server.api.call_context import Context, caller_of, patience
 from clipvision.server.api.item_errors import ItemErrorObserver
-from clipvision.server.api.streams import answer_in_order, answered
+from clipvision.server.api.streams import StreamItem, answer_in_order, answered
 from clipvision.server.errors import (
     ClipVisionError,
     InvalidRequestError,
@@ -217,7 +217,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
         async def start(
             request: oip.ModelInferRequest,
-        ) -> tuple[asyncio.Future[oip.ModelStreamInferResponse], asyncio.Future[None] | None]:
+        ) -> StreamItem[oip.ModelStreamInferResponse]:
             try:
                 job = await self._job(request)
                 batcher, count = job.batcher, len(job.elements)
@@ -229,7 +229,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                         f"{limit}; split it into several requests.",
                     )
             except ClipVisionError as exc:
-                return answered(self._stream_error(request, exc)), None
+                return StreamItem(answered(self._stream_error(request, exc)), _same)
             # Waiting here stops the reading: the stream's backpressure, as EmbedImageStream.
             # The whole request at once, so that streams holding part of their requests
             # cannot block each other.
@@ -246,7 +246,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
             task = asyncio.get_running_loop().create_task(run())
             # A done-callback, not a finally: a task cancelled before it starts runs no code.
             task.add_done_callback(lambda _: batcher.release(caller, count))
-            return task, None
+            return StreamItem(task, _same)
 
         async for response in answer_in_order(
             request_iterator, start, window=self._limits.stream_window, drain=self._registry
@@ -307,8 +307,8 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def _embed_image(
         self, job: _Job, caller: str, index: int, deadline: float | None
     ) -> FloatArray:
-        image = pb.Image(content=job.elements[index])
-        job.elements[index] = b""  # the message holds it now: one copy of each image, not two
+        image = job.elements[index]
+        job.elements[index] = b""  # the pipeline holds it now, until it is decoded
         return await _at_index(
             self._images.embed(job.model, caller, image, job.normalize, deadline), "IMAGE", index
         )
@@ -549,3 +549,7 @@ def _oip_name(model: ServedModel, text: bool) -> str:
 
 def _dimension(model: ServedModel) -> int:
     return model.encoder.checkpoint.embedding_dim
+
+
+def _same(response: Any) -> Any:
+    return response

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from clipvision.server.errors import Reason, ServiceUnavailableError
 
@@ -47,29 +47,43 @@ def stream_drained() -> ServiceUnavailableError:
     )
 
 
+class StreamItem(Generic[Response]):
+    """One admitted request of a stream: the future of its outcome, how to answer it, and
+    optionally a future the reader waits for before it reads on (backpressure for memory)."""
+
+    __slots__ = ("admitted", "future", "respond")
+
+    def __init__(
+        self,
+        future: asyncio.Future[Any],
+        respond: Callable[[Any], Response],
+        admitted: asyncio.Future[None] | None = None,
+    ) -> None:
+        self.future = future
+        self.respond = respond
+        self.admitted = admitted
+
+
 async def answer_in_order(
     requests: AsyncIterator[Request],
-    start: Callable[
-        [Request], Awaitable[tuple[asyncio.Future[Response], asyncio.Future[None] | None]]
-    ],
+    start: Callable[[Request], Awaitable[StreamItem[Response]]],
     *,
     window: int,
     drain: Drain,
 ) -> AsyncIterator[Response]:
-    """Answer each request with the result of the task ``start`` makes for it, in order.
+    """Answer each request with ``respond`` of the outcome ``start`` sets going, in order.
 
     ``start`` returns once the item may start (waiting there is the stream's
-    backpressure for capacity), with its task and optionally a future the reader
-    also waits for before it reads on (backpressure for memory). At most
-    ``window`` items are in flight. When the server drains the reader stops, every
-    admitted item is answered, then the stream ends with UNAVAILABLE.
+    backpressure for capacity), with the future of its outcome, the function that
+    turns that outcome (a result or an exception) into the response, and optionally
+    a future the reader also waits for before it reads on (backpressure for memory).
+    At most ``window`` items are in flight. When the server drains the reader stops,
+    every admitted item is answered, then the stream ends with UNAVAILABLE.
     """
     loop = asyncio.get_running_loop()
     # Full queue = the reader waits = the server stops reading = HTTP/2 flow control
     # pushes back on the client. That is the stream's backpressure.
-    pending: asyncio.Queue[asyncio.Future[Response] | _Drained | None] = asyncio.Queue(
-        maxsize=window
-    )
+    pending: asyncio.Queue[StreamItem[Response] | _Drained | None] = asyncio.Queue(maxsize=window)
 
     async def read() -> None:
         try:
@@ -78,14 +92,14 @@ async def answer_in_order(
                     # Unanswered, so the client sends it elsewhere. No end marker: the
                     # writer must end with UNAVAILABLE, not as if the client were done.
                     return
-                task, admitted = await start(request)
+                item = await start(request)
                 try:
-                    await pending.put(task)
+                    await pending.put(item)
                 except asyncio.CancelledError:
-                    task.cancel()  # never answered, so it must not be computed
+                    item.future.cancel()  # never answered, so it must not be computed
                     raise
-                if admitted is not None:
-                    await admitted
+                if item.admitted is not None:
+                    await item.admitted
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -112,20 +126,26 @@ async def answer_in_order(
             if drained and pending.empty():
                 # Everything admitted is answered: send the client to another replica.
                 raise stream_drained()
-            task = await pending.get()
-            if task is None:
+            item = await pending.get()
+            if item is None:
                 break  # the client is done (a drain changes nothing then)
-            if isinstance(task, _Drained):
+            if isinstance(item, _Drained):
                 continue
-            yield await task
+            try:
+                outcome = await item.future
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                outcome = exc
+            yield item.respond(outcome)
         await reader  # re-raises a read failure
     finally:
         reader.cancel()
         watcher.cancel()
         while not pending.empty():
             leftover = pending.get_nowait()
-            if isinstance(leftover, asyncio.Future):
-                leftover.cancel()
+            if isinstance(leftover, StreamItem):
+                leftover.future.cancel()
 
 
 def answered(response: T) -> asyncio.Future[T]:

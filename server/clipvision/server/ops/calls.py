@@ -109,6 +109,15 @@ def record_image(times: StageTimes) -> None:
         record.add(times)
 
 
+def current_call() -> CallRecord | None:
+    """The record of the call being answered in this context, if any.
+
+    Work that finishes in callbacks (an item's stages) runs outside the call's
+    context: it keeps the record it was started with and adds to it directly.
+    """
+    return _current.get()
+
+
 @dataclass
 class GateMark:
     """The call gate's mark on the current call: set when the gate itself ends the call.

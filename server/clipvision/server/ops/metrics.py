@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from typing import Any, Protocol
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
@@ -58,6 +59,52 @@ class DeviceMemoryCollector(Collector):
         yield family
 
 
+class BudgetUse(Protocol):
+    """What the memory budget holds at one moment (resources.admission.BudgetUsage)."""
+
+    @property
+    def resident(self) -> int:
+        """Bytes held until answered."""
+
+    @property
+    def decoding(self) -> int:
+        """Bytes held while decoding."""
+
+    @property
+    def callers(self) -> int:
+        """Callers holding or waiting."""
+
+    @property
+    def largest_share(self) -> float:
+        """The largest holder's fraction of what is held."""
+
+
+class QueueDepthCollector(Collector):
+    """``clipvision_queue_depth`` and ``clipvision_text_queue_depth``, read at scrape time.
+
+    Items are admitted and answered thousands of times a second: reading the depth
+    when Prometheus asks costs nothing per item.
+    """
+
+    def __init__(self, depths: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        self._depths = depths
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """One sample per model and modality that is loaded."""
+        images = GaugeMetricFamily(
+            "clipvision_queue_depth", "Images admitted and not yet answered.", labels=["model"]
+        )
+        texts = GaugeMetricFamily(
+            "clipvision_text_queue_depth",
+            "Texts admitted and not yet answered.",
+            labels=["model"],
+        )
+        for model, modality, depth in self._depths():
+            (texts if modality == "text" else images).add_metric([model], depth)
+        yield images
+        yield texts
+
+
 class ServerMetrics:
     """The server's metrics; it is the batcher's observer."""
 
@@ -79,12 +126,6 @@ class ServerMetrics:
         self.images_embedded = Counter(
             "clipvision_images_embedded",
             "Images that went through the model.",
-            ["model"],
-            registry=self.registry,
-        )
-        self.queue_depth = Gauge(
-            "clipvision_queue_depth",
-            "Images admitted and not yet answered.",
             ["model"],
             registry=self.registry,
         )
@@ -141,12 +182,6 @@ class ServerMetrics:
             ["model"],
             registry=self.registry,
         )
-        self.text_queue_depth = Gauge(
-            "clipvision_text_queue_depth",
-            "Texts admitted and not yet answered.",
-            ["model"],
-            registry=self.registry,
-        )
         self.text_tokenize_seconds = Histogram(
             "clipvision_text_tokenize_seconds",
             "Per text: tokenizing, measured in the worker thread.",
@@ -189,6 +224,8 @@ class ServerMetrics:
         )
         self._add_admission_metrics()
         self._http: MetricsHTTPServer | None = None
+        self._image_stages: dict[str, tuple[Any, Any, Any]] = {}
+        self._text_stages: dict[str, tuple[Any, Any]] = {}
 
     def on_batch(self, model: str, size: int, seconds: float, modality: str = "image") -> None:
         """Record one batch that went through the device."""
@@ -201,25 +238,33 @@ class ServerMetrics:
         self.inference_seconds.labels(model).observe(seconds)
         self.images_embedded.labels(model).inc(size)
 
-    def on_queue_depth(self, model: str, depth: int, modality: str = "image") -> None:
-        """Record the number of admitted, unanswered items of a model."""
-        gauge = self.text_queue_depth if modality == "text" else self.queue_depth
-        gauge.labels(model).set(depth)
-
     def on_model_loaded(self, model: str, seconds: float) -> None:
         """Record how long a model took to load and warm up."""
         self.model_load_seconds.labels(model).set(seconds)
 
     def on_image(self, model: str, times: StageTimes) -> None:
         """Record where one embedded image's time went."""
-        self.image_preprocess_seconds.labels(model).observe(times.preprocess_s)
-        self.image_queue_seconds.labels(model).observe(times.queue_s)
-        self.image_inference_seconds.labels(model).observe(times.inference_s)
+        stages = self._image_stages.get(model)
+        if stages is None:  # looked up once per model: this runs for every image
+            stages = self._image_stages[model] = (
+                self.image_preprocess_seconds.labels(model),
+                self.image_queue_seconds.labels(model),
+                self.image_inference_seconds.labels(model),
+            )
+        stages[0].observe(times.preprocess_s)
+        stages[1].observe(times.queue_s)
+        stages[2].observe(times.inference_s)
 
     def on_text(self, model: str, times: StageTimes) -> None:
         """Record where one embedded text's time went."""
-        self.text_tokenize_seconds.labels(model).observe(times.preprocess_s)
-        self.text_queue_seconds.labels(model).observe(times.queue_s)
+        stages = self._text_stages.get(model)
+        if stages is None:
+            stages = self._text_stages[model] = (
+                self.text_tokenize_seconds.labels(model),
+                self.text_queue_seconds.labels(model),
+            )
+        stages[0].observe(times.preprocess_s)
+        stages[1].observe(times.queue_s)
 
     def on_item_error(self, reason: str) -> None:
         """Count one image answered in-band with an error."""
@@ -238,6 +283,18 @@ class ServerMetrics:
         """Report the slots each pool holds, read at scrape time."""
         for name, pool in pools.items():
             self.call_slots.labels(name).set_function(pool.__len__)
+
+    def watch_queues(self, depths: Callable[[], Iterable[tuple[str, str, int]]]) -> None:
+        """Report each model's items admitted and not yet answered, read at scrape time from
+        ``depths()``: (model, modality, depth) per batcher."""
+        self.registry.register(QueueDepthCollector(depths))
+
+    def watch_budget(self, usage: Callable[[], BudgetUse]) -> None:
+        """Report what the memory budget holds, read at scrape time from ``usage()``."""
+        self._admitted_resident.set_function(lambda: usage().resident)
+        self._admitted_decode.set_function(lambda: usage().decoding)
+        self.admission_callers.set_function(lambda: usage().callers)
+        self.admission_largest_share.set_function(lambda: usage().largest_share)
 
     def watch_devices(
         self, devices: Callable[[], Iterable[torch.device]], stats: MemoryStats = cuda_memory
@@ -276,7 +333,7 @@ class ServerMetrics:
             ["stage"],
             registry=self.registry,
         )
-        # Set two or three times per image: the labelled children are looked up once.
+        # Read at scrape time (watch_budget): admitting an image updates no metric.
         self._admitted_resident = self.memory_admitted.labels("resident")
         self._admitted_decode = self.memory_admitted.labels("decode")
         self.admission_callers = Gauge(
@@ -305,15 +362,6 @@ class ServerMetrics:
     def on_budget(self, total: int) -> None:
         """Record the memory budget in bytes."""
         self.memory_budget.set(total)
-
-    def on_budget_use(
-        self, resident: int, decoding: int, callers: int, largest_share: float
-    ) -> None:
-        """Record the bytes admitted by stage and how they are shared between callers."""
-        self._admitted_resident.set(resident)
-        self._admitted_decode.set(decoding)
-        self.admission_callers.set(callers)
-        self.admission_largest_share.set(largest_share)
 
     def on_admission_wait(self, resource: str) -> None:
         """Count one image that waited for ``resource``."""

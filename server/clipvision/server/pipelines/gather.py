@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from clipvision.server.errors import OverloadedError
 
 T = TypeVar("T")
 
@@ -20,3 +22,52 @@ async def all_or_none(awaitables: list[Awaitable[T]]) -> list[T]:
         # Collected, so that a second failure is not reported as never retrieved.
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+def settle_failed(future: asyncio.Future[Any], error: BaseException) -> None:
+    """End an item's future with its fault (a cancellation cancels it)."""
+    if isinstance(error, asyncio.CancelledError):
+        future.cancel()
+    else:
+        future.set_exception(error)
+
+
+async def outcomes_of(futures: list[asyncio.Future[Any]]) -> list[Any]:
+    """Each future's result or exception, in order, once all are done.
+
+    The first OverloadedError cancels the rest and is raised: a call refused for
+    capacity fails as a whole (retrying it later is the remedy). Cancelling the
+    caller cancels every future; so does a future cancelled on its own (the
+    server stopping), which cancels the call.
+    """
+    if not futures:
+        return []
+    all_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    left = len(futures)
+
+    def one_done(future: asyncio.Future[Any]) -> None:
+        nonlocal left
+        left -= 1
+        if all_done.done():
+            return
+        if future.cancelled() or isinstance(future.exception(), OverloadedError) or not left:
+            all_done.set_result(None)
+
+    for future in futures:
+        future.add_done_callback(one_done)
+    try:
+        await all_done
+        results: list[Any] = []
+        for future in futures:
+            if not future.done():
+                continue  # the rest are cancelled below, as the call ends here
+            if future.cancelled():
+                raise asyncio.CancelledError
+            error = future.exception()
+            if isinstance(error, OverloadedError):
+                raise error
+            results.append(error if error is not None else future.result())
+        return results
+    finally:
+        for future in futures:
+            future.cancel()

@@ -7,17 +7,26 @@
    thousands adds up);
 4. batch it with other callers' texts (batcher.MicroBatcher), padded to the
    longest text of the batch, on the device thread the images use too.
+
+As images do (pipelines.images), a text travels as callbacks on the event loop:
+tokenizing goes to the workers in chunks, and only a wait for the memory budget
+starts a task.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from clipvision.server.ops.calls import StageTimes, record_image
-from clipvision.server.resources.admission import ItemCost, MemoryBudget, seconds_left
-from clipvision.server.resources.dispatch import FairDispatcher
+from clipvision.server.ops.calls import CallRecord, StageTimes, current_call
+from clipvision.server.pipelines.gather import outcomes_of, settle_failed
+from clipvision.server.resources.admission import ItemCost, MemoryBudget, Ticket, seconds_left
+from clipvision.server.resources.dispatch import FairDispatcher, Job
+from clipvision.server.runtime.batcher import Embedded
 from clipvision.server.runtime.image_encoder import FloatArray, l2_normalize
 from clipvision.server.runtime.models import ServedModel, TextModel
 from clipvision.server.runtime.text_encoder import TokenizedText
@@ -38,8 +47,50 @@ class TextVector:
     truncated: bool
 
 
+class _Item:
+    """One text on its way: what it holds at each stage, and its caller's future."""
+
+    __slots__ = (
+        "caller",
+        "deadline",
+        "future",
+        "job",
+        "model",
+        "normalize",
+        "record",
+        "size",
+        "task",
+        "ticket",
+        "tokenize_s",
+        "tower",
+        "truncated",
+    )
+
+    def __init__(
+        self,
+        model: ServedModel,
+        tower: TextModel,
+        caller: str,
+        normalize: bool,
+        deadline: float | None,
+    ) -> None:
+        self.model = model
+        self.tower = tower
+        self.caller = caller
+        self.normalize = normalize
+        self.deadline = deadline
+        self.future: asyncio.Future[TextVector] = asyncio.get_running_loop().create_future()
+        self.record: CallRecord | None = current_call()
+        self.job: Job[Any] | None = None
+        self.task: asyncio.Task[Any] | None = None
+        self.ticket: Ticket | None = None
+        self.size = 0
+        self.tokenize_s = 0.0
+        self.truncated = False
+
+
 class TextPipeline:
-    """Embeds one text at a time for any served model; texts of all callers share it."""
+    """Embeds texts for any served model; texts of all callers share it."""
 
     def __init__(
         self,
@@ -65,24 +116,124 @@ class TextPipeline:
         ``deadline`` (loop time) bounds the wait for the memory budget; None waits as
         long as it takes. Raises ModalityNotServedError for a model without a text tower.
         """
+        return await self.start(model, caller, text, normalize, truncate, deadline)
+
+    async def embed_many(
+        self,
+        model: ServedModel,
+        caller: str,
+        texts: Sequence[str],
+        normalize: bool,
+        truncate: bool,
+        deadline: float | None,
+    ) -> list[TextVector | Exception]:
+        """Embed every text of one call; each result is its vector or its fault, in order.
+
+        A text refused for capacity (OverloadedError) fails the call as a whole.
+        """
+        futures = [self.start(model, caller, text, normalize, truncate, deadline) for text in texts]
+        return await outcomes_of(futures)
+
+    def start(
+        self,
+        model: ServedModel,
+        caller: str,
+        text: str,
+        normalize: bool,
+        truncate: bool,
+        deadline: float | None,
+    ) -> asyncio.Future[TextVector]:
+        """Set one text on its way now; its future gets the vector (or the fault).
+
+        Raises ModalityNotServedError at once for a model without a text tower; a bad
+        text fails its future. Cancelling the future drops the text at its next stage.
+        """
         tower = model.text_tower()
-        size = tower.encoder.check(text)
-        tokenized, tokenize_s = await self._tokenizes.run(
-            caller, size, lambda: _tokenize(tower, text, truncate), _nothing
-        )
-        # The message's copy and ours of the text, and the ids, until answered.
-        cost = ItemCost(resident=2 * size + tokenized.ids.nbytes, decode=0)
-        ticket = await self._budget.admit(caller, cost, seconds_left(deadline))
+        item = _Item(model, tower, caller, normalize, deadline)
+        item.future.add_done_callback(functools.partial(self._finished, item))
         try:
-            embedded = await tower.batcher.submit(tokenized.ids, caller)
-        finally:
-            ticket.release()
-        times = StageTimes(tokenize_s, embedded.queue_s, embedded.inference_s)
-        record_image(times)
+            item.size = tower.encoder.check(text)
+        except Exception as exc:
+            settle_failed(item.future, exc)
+            return item.future
+        item.job = self._tokenizes.submit(
+            caller,
+            item.size,
+            functools.partial(_tokenize, tower, text, truncate),
+            functools.partial(self._tokenized, item),
+            item.future.done,
+        )
+        return item.future
+
+    # -- the stages, as callbacks on the event loop ---------------------------------------
+
+    def _tokenized(self, item: _Item, outcome: tuple[TokenizedText, float] | BaseException) -> None:
+        item.job = None
+        if item.future.done():
+            return
+        if isinstance(outcome, BaseException):
+            settle_failed(item.future, outcome)
+            return
+        tokenized, item.tokenize_s = outcome
+        item.truncated = tokenized.truncated
+        # The message's copy and ours of the text, and the ids, until answered.
+        cost = ItemCost(resident=2 * item.size + tokenized.ids.nbytes, decode=0)
+        ticket = self._budget.try_admit(item.caller, cost)
+        if ticket is not None:
+            self._admitted(item, tokenized, ticket)
+            return
+        wait = self._budget.admit(item.caller, cost, seconds_left(item.deadline))
+        item.task = asyncio.get_running_loop().create_task(wait)
+        item.task.add_done_callback(functools.partial(self._waited, item, tokenized))
+
+    def _waited(self, item: _Item, tokenized: TokenizedText, task: asyncio.Task[Ticket]) -> None:
+        item.task = None
+        if task.cancelled():
+            if not item.future.done():
+                item.future.cancel()
+            return
+        error = task.exception()
+        if error is not None:
+            if not item.future.done():
+                settle_failed(item.future, error)
+            return
+        ticket = task.result()
+        if item.future.done():
+            ticket.release()  # admitted just as the caller left
+            return
+        self._admitted(item, tokenized, ticket)
+
+    def _admitted(self, item: _Item, tokenized: TokenizedText, ticket: Ticket) -> None:
+        item.ticket = ticket
+        item.tower.batcher.put(
+            tokenized.ids, item.caller, functools.partial(self._embedded, item), item.future.done
+        )
+
+    def _embedded(self, item: _Item, outcome: Embedded | BaseException) -> None:
+        if item.future.done():
+            return
+        if isinstance(outcome, BaseException):
+            settle_failed(item.future, outcome)
+            return
+        times = StageTimes(item.tokenize_s, outcome.queue_s, outcome.inference_s)
+        if item.record is not None:
+            item.record.add(times)
         if self._observer is not None:
-            self._observer.on_text(model.name, times)
-        raw = embedded.features
-        return TextVector(l2_normalize(raw) if normalize else raw, tokenized.truncated)
+            self._observer.on_text(item.model.name, times)
+        raw = outcome.features
+        item.future.set_result(
+            TextVector(l2_normalize(raw) if item.normalize else raw, item.truncated)
+        )
+
+    def _finished(self, item: _Item, future: asyncio.Future[TextVector]) -> None:
+        """However the text ended: give back what it holds."""
+        if item.job is not None:
+            self._tokenizes.drop(item.job)
+        if item.task is not None:
+            item.task.cancel()
+        if item.ticket is not None:
+            item.ticket.release()
+            item.ticket = None
 
 
 def _tokenize(tower: TextModel, text: str, truncate: bool) -> tuple[TokenizedText, float]:
@@ -90,7 +241,3 @@ def _tokenize(tower: TextModel, text: str, truncate: bool) -> tuple[TokenizedTex
     started = time.perf_counter()
     tokenized = tower.encoder.tokenize(text, truncate)
     return tokenized, time.perf_counter() - started
-
-
-def _nothing() -> None:
-    """Tokenizing holds nothing that must be given back when it ends."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -27,6 +28,10 @@ logger = logging.getLogger(__name__)
 UNARY_WAIT_S = 1.0
 # The RetryInfo delay of a refusal for memory: about what one large decode takes.
 BUDGET_RETRY_AFTER_S = 1.0
+# The part of the memory budget that holds messages read ahead of their admission
+# (1 / READ_SHARE): enough for a stream to keep the workers busy with small images
+# while one large image waits for room.
+READ_SHARE = 8
 
 
 class _Waiter:
@@ -50,6 +55,10 @@ class FairPool:
         self._held: dict[str, int] = {}
         # Insertion order breaks ties: the caller that has waited longest among equals.
         self._waiting: dict[str, collections.deque[_Waiter]] = {}
+        # try_take may be called from a worker thread (an image admitted where it was
+        # probed); every change of what is held happens under this lock. Waiters and
+        # their futures belong to the event loop's thread alone.
+        self.lock = threading.Lock()
 
     def held(self, caller: str) -> int:
         """What ``caller`` holds now."""
@@ -70,11 +79,12 @@ class FairPool:
         return max(self._held.values()) / self.used if self.used > 0 and self._held else 0.0
 
     def try_take(self, caller: str, amount: int) -> bool:
-        """Take ``amount`` for ``caller`` if it is free now and nobody waits."""
-        if self._waiting or self.used + amount > self.limit:
-            return False
-        self._grant(caller, amount)
-        return True
+        """Take ``amount`` for ``caller`` if it is free now and nobody waits (any thread)."""
+        with self.lock:
+            if self._waiting or self.used + amount > self.limit:
+                return False
+            self._grant(caller, amount)
+            return True
 
     async def take(self, caller: str, amount: int) -> None:
         """Wait for ``amount`` in fair order, then take it for ``caller``."""
@@ -89,7 +99,8 @@ class FairPool:
                 self.give(caller, amount)  # granted just as we were cancelled
             else:
                 self._forget(caller, waiter)
-                self._wake()  # it may have been the one everybody else waited behind
+                with self.lock:
+                    self._wake()  # it may have been the one everybody else waited behind
             raise
 
     async def take_within(self, caller: str, amount: int, wait_s: float) -> bool:
@@ -114,18 +125,25 @@ class FairPool:
 
     def give(self, caller: str, amount: int) -> None:
         """Give back ``amount`` that ``caller`` took, and grant what it lets through."""
-        self.used -= amount
-        left = self._held.get(caller, 0) - amount
-        if left > 0:
-            self._held[caller] = left
-        else:
-            self._held.pop(caller, None)
-        self._wake()
+        with self.lock:
+            self.used -= amount
+            left = self._held.get(caller, 0) - amount
+            if left > 0:
+                self._held[caller] = left
+            else:
+                self._held.pop(caller, None)
+            self._wake()
+
+    def grant_over(self, caller: str, amount: int) -> None:
+        """Grant ``amount`` beyond the limit (what is already in memory and must be counted)."""
+        with self.lock:
+            self._grant(caller, amount)
 
     def resize(self, limit: int) -> None:
         """Change the limit; what is held stays held, waiters are granted if it grew."""
-        self.limit = limit
-        self._wake()
+        with self.lock:
+            self.limit = limit
+            self._wake()
 
     def _grant(self, caller: str, amount: int) -> None:
         self.used += amount
@@ -139,6 +157,7 @@ class FairPool:
                 del self._waiting[caller]
 
     def _wake(self) -> None:
+        # Called with the lock held, on the event loop's thread.
         while self._waiting:
             # min() keeps the first of equals, which is the longest-waiting caller.
             caller = min(self._waiting, key=self.held)
@@ -162,16 +181,25 @@ class BudgetObserver(Protocol):
     def on_budget(self, total: int) -> None:
         """The budget is now ``total`` bytes."""
 
-    def on_budget_use(
-        self, resident: int, decoding: int, callers: int, largest_share: float
-    ) -> None:
-        """Bytes admitted (held to the answer, and held while decoding) and how they are shared."""
-
     def on_admission_wait(self, resource: str) -> None:
         """An image waited for ``resource`` (``queue`` or ``memory``)."""
 
     def on_admission_refused(self, reason: str) -> None:
         """A call or an image was refused for capacity, with this reason."""
+
+
+@dataclass(frozen=True)
+class BudgetUsage:
+    """What the memory budget holds at one moment."""
+
+    resident: int
+    """Bytes held until answered: encoded images (and texts) and crops."""
+    decoding: int
+    """Bytes of decode working sets held while decoding."""
+    callers: int
+    """Callers holding or waiting for part of the budget."""
+    largest_share: float
+    """The fraction of what is held that the largest holder holds (0 when idle)."""
 
 
 @dataclass(frozen=True)
@@ -227,89 +255,157 @@ class Ticket:
             self._decode = 0
 
 
+class ReadHold:
+    """Bytes of a message received and not yet admitted with its item, held in the read room."""
+
+    __slots__ = ("_amount", "_budget", "_caller")
+
+    def __init__(self, budget: MemoryBudget, caller: str, amount: int) -> None:
+        self._budget = budget
+        self._caller = caller
+        self._amount = amount
+
+    def release(self) -> None:
+        """Give the bytes back (once): the item now holds them in its own admission, or is gone."""
+        if self._amount:
+            self._budget.reads.give(self._caller, self._amount)
+            self._amount = 0
+
+
 class MemoryBudget:
-    """The server's budget of bytes for images in flight, shared fairly between callers."""
+    """The server's budget of bytes for images and texts in flight, shared fairly between callers.
+
+    Two fair pools share it. The read room (``READ_SHARE`` of it) holds the bytes of
+    messages a stream has read whose items are not yet admitted, so that a stream reads
+    ahead without waiting for each image's header to be parsed; the rest (``pool``)
+    holds admitted items. Kept apart, they cannot deadlock: items waiting for room hold
+    only read room, so whatever the read room holds, one item that passes ``check``
+    always fits once the admitted ones are answered.
+    """
 
     def __init__(self, total: int, observer: BudgetObserver | None = None) -> None:
-        self.pool = FairPool(total)
+        self.reads = FairPool(_read_room(total))
+        self.pool = FairPool(total - self.reads.limit)
         self._observer = observer
         self._stages = {"resident": 0, "decode": 0}
         if observer is not None:
             observer.on_budget(total)
-            self._report()
 
     @property
     def total(self) -> int:
         """The budget in bytes."""
-        return self.pool.limit
+        return self.reads.limit + self.pool.limit
 
     @property
     def used(self) -> int:
-        """Bytes admitted now."""
-        return self.pool.used
+        """Bytes admitted or held in the read room now."""
+        return self.reads.used + self.pool.used
 
     def resize(self, total: int) -> None:
         """Set the budget to ``total`` bytes (once the models are resident, say)."""
-        self.pool.resize(total)
+        self.reads.resize(_read_room(total))
+        self.pool.resize(total - self.reads.limit)
         if self._observer is not None:
             self._observer.on_budget(total)
 
     def check(self, cost: ItemCost, width: int, height: int) -> None:
-        """Refuse an image that alone needs more than the whole budget, which nothing frees."""
-        if cost.total > self.total:
+        """Refuse an image that alone needs more than the budget admits, which nothing frees."""
+        if cost.total > self.pool.limit:
             self.refused(Reason.IMAGE_OVER_MEMORY_BUDGET)
             raise InvalidImageError(
                 Reason.IMAGE_OVER_MEMORY_BUDGET,
                 f"The {width}x{height} image needs about {_mib(cost.total)} MiB to decode, "
-                f"more than this server's whole memory budget of {_mib(self.total)} MiB; "
-                "downscale it before sending.",
+                f"more than this server's memory budget of {_mib(self.total)} MiB admits for "
+                f"one image ({_mib(self.pool.limit)} MiB); downscale it before sending.",
             )
+
+    def try_read(self, caller: str, amount: int) -> ReadHold | None:
+        """Hold ``amount`` bytes of a message just read, if the read room has them now."""
+        if not self.reads.try_take(caller, amount):
+            return None
+        return ReadHold(self, caller, amount)
+
+    async def read(self, caller: str, amount: int) -> ReadHold:
+        """Hold ``amount`` bytes of a message just read, waiting in fair order for room.
+
+        More than the whole read room is held alone: its reader waits until the room is
+        empty, so the read room is never more than one message over its limit.
+        """
+        hold = self.try_read(caller, amount)
+        if hold is not None:
+            return hold
+        if self._observer is not None:
+            self._observer.on_admission_wait("memory")
+        await self.reads.take(caller, min(amount, self.reads.limit))
+        if amount > self.reads.limit:
+            self.reads.grant_over(caller, amount - self.reads.limit)
+        return ReadHold(self, caller, amount)
 
     async def admit(self, caller: str, cost: ItemCost, wait_s: float | None) -> Ticket:
         """Take ``cost`` for ``caller``: waiting as long as it takes (None) or ``wait_s`` at most.
 
         Raises OverloadedError (MEMORY_BUDGET_FULL) when a bounded wait ends unserved.
         """
+        ticket = self.try_admit(caller, cost)
+        if ticket is not None:
+            return ticket
         amount = cost.total
-        if not self.pool.try_take(caller, amount):
-            if self._observer is not None:
-                self._observer.on_admission_wait("memory")
-            if wait_s is None:
-                await self.pool.take(caller, amount)
-            elif not await self.pool.take_within(caller, amount, wait_s):
-                self.refused(Reason.MEMORY_BUDGET_FULL)
-                free = max(0, self.total - self.used)
-                raise OverloadedError(
-                    Reason.MEMORY_BUDGET_FULL,
-                    f"The image needs about {_mib(amount)} MiB of this server's memory budget "
-                    f"and {_mib(free)} of {_mib(self.total)} MiB are free; retry after "
-                    f"{BUDGET_RETRY_AFTER_S:.1f} s or on another replica.",
-                    retry_after_s=BUDGET_RETRY_AFTER_S,
-                )
-        self._stages["resident"] += cost.resident
-        self._stages["decode"] += cost.decode
-        self._report()
+        # The budget is full for now: wait for room in fair order.
+        if self._observer is not None:
+            self._observer.on_admission_wait("memory")
+        if wait_s is None:
+            await self.pool.take(caller, amount)
+        elif not await self.pool.take_within(caller, amount, wait_s):
+            self.refused(Reason.MEMORY_BUDGET_FULL)
+            free = max(0, self.pool.limit - self.pool.used)
+            raise OverloadedError(
+                Reason.MEMORY_BUDGET_FULL,
+                f"The image needs about {_mib(amount)} MiB of this server's memory budget "
+                f"and {_mib(free)} of {_mib(self.pool.limit)} MiB are free; retry after "
+                f"{BUDGET_RETRY_AFTER_S:.1f} s or on another replica.",
+                retry_after_s=BUDGET_RETRY_AFTER_S,
+            )
+        return self._ticket(caller, cost)
+
+    def try_admit(self, caller: str, cost: ItemCost) -> Ticket | None:
+        """Take ``cost`` for ``caller`` if it is free now and nobody waits; else None.
+
+        Safe from a worker thread (where an image is probed and then decoded at once).
+        """
+        if not self.pool.try_take(caller, cost.total):
+            return None
+        return self._ticket(caller, cost)
+
+    def _ticket(self, caller: str, cost: ItemCost) -> Ticket:
+        with self.pool.lock:
+            self._stages["resident"] += cost.resident
+            self._stages["decode"] += cost.decode
         return Ticket(self, caller, cost)
 
     def give(self, caller: str, amount: int, *, stage: str) -> None:
         """Give back ``amount`` bytes of one stage (tickets call this)."""
-        self._stages[stage] -= amount
+        with self.pool.lock:
+            self._stages[stage] -= amount
         self.pool.give(caller, amount)
-        self._report()
 
     def refused(self, reason: Reason) -> None:
         """Count one refusal for capacity."""
         if self._observer is not None:
             self._observer.on_admission_refused(reason.value)
 
-    def _report(self) -> None:
-        if self._observer is not None:
-            self._observer.on_budget_use(
-                self._stages["resident"],
-                self._stages["decode"],
-                self.pool.callers,
-                self.pool.largest_share(),
-            )
+    def usage(self) -> BudgetUsage:
+        """Bytes admitted now, by stage, and how they are shared (read at metrics scrape time,
+        so that admitting an image costs no metric update)."""
+        return BudgetUsage(
+            self._stages["resident"] + self.reads.used,
+            self._stages["decode"],
+            self.pool.callers,
+            self.pool.largest_share(),
+        )
+
+
+def _read_room(total: int) -> int:
+    return total // READ_SHARE
 
 
 def _mib(value: int) -> str:

@@ -19,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, Literal, Protocol, TypeVar
 
 from clipvision.server.errors import InternalError, OverloadedError, Reason
@@ -42,9 +43,6 @@ class BatchObserver(Protocol):
     def on_batch(self, model: str, size: int, seconds: float, modality: Modality = "image") -> None:
         """A batch of ``size`` items took ``seconds`` on the device (forward and copy)."""
 
-    def on_queue_depth(self, model: str, depth: int, modality: Modality = "image") -> None:
-        """The number of items admitted and not yet answered changed."""
-
 
 @dataclass(frozen=True)
 class Embedded:
@@ -57,12 +55,22 @@ class Embedded:
     """Device time of that batch (forward and copy to host), which the image shared."""
 
 
-@dataclass
+Delivery = Callable[[Embedded | BaseException], None]
+
+
 class _Item(Generic[Payload]):
-    payload: Payload
-    future: asyncio.Future[Embedded] = field(repr=False)
-    # perf_counter() at submission: the queue wait is measured per image, not per batch.
-    enqueued: float = field(default_factory=time.perf_counter)
+    """One queued item: its payload, where its result goes, and whether anyone still waits."""
+
+    __slots__ = ("deliver", "enqueued", "gone", "payload")
+
+    def __init__(
+        self, payload: Payload, deliver: Delivery, gone: Callable[[], bool], enqueued: float
+    ) -> None:
+        self.payload = payload
+        self.deliver = deliver
+        self.gone = gone
+        # perf_counter() at submission: the queue wait is measured per item, not per batch.
+        self.enqueued = enqueued
 
 
 class MicroBatcher(Generic[Payload]):
@@ -123,13 +131,12 @@ class MicroBatcher(Generic[Payload]):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
             self._worker = None
-        for item in self._in_compute:
-            item.future.cancel()
-        for queue in self._queues.values():
-            for item in queue:
-                item.future.cancel()
+        queued = [item for queue in self._queues.values() for item in queue]
         self._queues.clear()
         self._queued = 0
+        for item in [*self._in_compute, *queued]:
+            if not item.gone():
+                item.deliver(asyncio.CancelledError())
 
     @contextlib.asynccontextmanager
     async def admit(self, caller: str, count: int, wait_s: float) -> AsyncIterator[None]:
@@ -156,12 +163,10 @@ class MicroBatcher(Generic[Payload]):
                 "another replica.",
                 retry_after_s=retry_after,
             )
-        self._report_depth()
         try:
             yield
         finally:
             pool.give(caller, count)
-            self._report_depth()
 
     async def reserve(self, caller: str, count: int = 1) -> None:
         """Admit ``count`` items of ``caller``, waiting for room in fair order (backpressure).
@@ -172,24 +177,27 @@ class MicroBatcher(Generic[Payload]):
             if self._admission_observer is not None:
                 self._admission_observer.on_admission_wait("queue")
             await self.capacity.take(caller, count)
-        self._report_depth()
 
     def release(self, caller: str, count: int = 1) -> None:
         """Give back the room of ``count`` items admitted with ``reserve``."""
         self.capacity.give(caller, count)
-        self._report_depth()
 
     async def submit(self, payload: Payload, caller: str = "") -> Embedded:
         """Embed one prepared item; returns its raw projected features and timings."""
         future: asyncio.Future[Embedded] = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(caller, collections.deque()).append(_Item(payload, future))
-        self._queued += 1
-        self._arrived.set()
+        self.put(payload, caller, functools.partial(_settle, future), future.done)
         return await future
 
-    def _report_depth(self) -> None:
-        if self._observer is not None:
-            self._observer.on_queue_depth(self.name, self.capacity.used, self.modality)
+    def put(
+        self, payload: Payload, caller: str, deliver: Delivery, gone: Callable[[], bool]
+    ) -> None:
+        """Queue one prepared item without waiting: ``deliver`` gets its Embedded (or the
+        exception it failed with) on the event loop, once; an item for which ``gone()``
+        is true when its batch forms is dropped unseen, and delivered nothing."""
+        item = _Item(payload, deliver, gone, time.perf_counter())
+        self._queues.setdefault(caller, collections.deque()).append(item)
+        self._queued += 1
+        self._arrived.set()
 
     async def _run(self) -> None:
         while True:
@@ -219,7 +227,7 @@ class MicroBatcher(Generic[Payload]):
                     break
         batch = self._take(self._max_batch_size)
         # A caller that cancelled (or whose deadline passed) costs no compute.
-        return [item for item in batch if not item.future.done()]
+        return [item for item in batch if not item.gone()]
 
     def _take(self, size: int) -> list[_Item[Payload]]:
         """Up to ``size`` items, one per caller in turn (round-robin across batches too)."""
@@ -256,12 +264,12 @@ class MicroBatcher(Generic[Payload]):
                 exc_info=True,
             )
             for item in batch:
-                if not item.future.done():
+                if not item.gone():
                     await self._compute([item])
             return
         for item, row in zip(batch, rows, strict=True):
-            if not item.future.done():
-                item.future.set_result(Embedded(row, started - item.enqueued, seconds))
+            if not item.gone():
+                _deliver(item, Embedded(row, started - item.enqueued, seconds))
 
     async def _embed(self, payloads: list[Payload]) -> tuple[FloatArray, float]:
         loop = asyncio.get_running_loop()
@@ -284,5 +292,24 @@ class MicroBatcher(Generic[Payload]):
 
 
 def _fail(item: _Item[Payload], error: Exception) -> None:
-    if not item.future.done():
-        item.future.set_exception(error)
+    if not item.gone():
+        _deliver(item, error)
+
+
+def _deliver(item: _Item[Payload], outcome: Embedded | BaseException) -> None:
+    """Hand an item its outcome; a bug in one item's continuation must not stop the batch."""
+    try:
+        item.deliver(outcome)
+    except Exception:
+        logger.exception("delivering a batch result failed")
+
+
+def _settle(future: asyncio.Future[Embedded], outcome: Embedded | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, asyncio.CancelledError):
+        future.cancel()
+    elif isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

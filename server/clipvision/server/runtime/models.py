@@ -160,9 +160,25 @@ class ModelRegistry:
             if batcher.busy_since is not None
         ]
 
+    def queue_depths(self) -> list[tuple[str, str, int]]:
+        """Items admitted and not yet answered, per loaded model and modality."""
+        return [
+            (model.name, batcher.modality, batcher.capacity.used)
+            for model in self.served()
+            for batcher in model.batchers()
+        ]
+
     def devices(self) -> list[torch.device]:
         """The devices of the models loaded so far."""
         return [model.encoder.checkpoint.device for model in self.served()]
+
+    def ready(self, name: str) -> ServedModel | None:
+        """The model called ``name`` (empty: the default) when it is loaded and the server
+        is not draining, without waiting; None otherwise (``get`` then says why, or loads it)."""
+        if self._drained.is_set():
+            return None
+        slot = self._slots.get(name or self._settings.default_model)
+        return None if slot is None else slot.model
 
     async def get(self, name: str) -> ServedModel:
         """Find a model by name (empty means the default), loading it first in lazy mode."""
