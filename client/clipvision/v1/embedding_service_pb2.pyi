@@ -847,6 +847,7 @@ class Preprocessing(_message.Message):
     RESCALE_FACTOR_FIELD_NUMBER: _builtins.int
     MEAN_FIELD_NUMBER: _builtins.int
     STD_FIELD_NUMBER: _builtins.int
+    RESIZE_DEVICE_FIELD_NUMBER: _builtins.int
     exif_transpose: _builtins.bool
     """True when EXIF orientation is applied before anything else."""
     resize_shortest_edge: _builtins.int
@@ -859,6 +860,12 @@ class Preprocessing(_message.Message):
     """The width, in pixels, of the centre crop."""
     rescale_factor: _builtins.float
     """The factor that maps 8-bit pixel values to [0, 1]."""
+    resize_device: _builtins.str
+    """Where resizing and cropping run: "pillow" (on the CPU, in the workers
+    that decode), or the torch device that runs the model, for example
+    "cuda:0", where the server reproduces Pillow's fixed-point resampling
+    byte for byte (checked when it starts).
+    """
     @_builtins.property
     def mean(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """The per-channel (R, G, B) mean subtracted after rescaling."""
@@ -878,10 +885,11 @@ class Preprocessing(_message.Message):
         rescale_factor: _builtins.float = ...,
         mean: _abc.Iterable[_builtins.float] | None = ...,
         std: _abc.Iterable[_builtins.float] | None = ...,
+        resize_device: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crop_height", b"crop_height", "crop_width", b"crop_width", "exif_transpose", b"exif_transpose", "interpolation", b"interpolation", "mean", b"mean", "rescale_factor", b"rescale_factor", "resize_shortest_edge", b"resize_shortest_edge", "std", b"std"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crop_height", b"crop_height", "crop_width", b"crop_width", "exif_transpose", b"exif_transpose", "interpolation", b"interpolation", "mean", b"mean", "rescale_factor", b"rescale_factor", "resize_device", b"resize_device", "resize_shortest_edge", b"resize_shortest_edge", "std", b"std"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

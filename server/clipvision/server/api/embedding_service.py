@@ -360,6 +360,7 @@ def _describe(info: pb.ModelInfo, served: ServedModel) -> None:
     info.dummy_weights = checkpoint.dummy_weights
     info.loaded = True
     info.preprocessing.CopyFrom(_preprocessing(checkpoint.preprocess))
+    info.preprocessing.resize_device = served.encoder.preprocess_device
     info.modalities.append(pb.MODALITY_IMAGE)
     info.image_runtime = served.encoder.backend
     if served.text is not None:

@@ -118,6 +118,15 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         choices=["auto", "torch", "onnxruntime"],
     )
     option(
+        "--device-preprocess",
+        defaults.device_preprocess,
+        "where images are resized, cropped and normalised: auto (on the model's device when "
+        "it is a GPU, else with Pillow on the CPU), on (the model's device, even the CPU) or "
+        "off (Pillow on the CPU); the device's result is Pillow's byte for byte (checked at "
+        "start: a difference keeps the CPU path), for bicubic, bilinear and box resizing",
+        choices=["auto", "on", "off"],
+    )
+    option(
         "--threads",
         defaults.threads,
         "intra-op threads of the forward pass, torch's and ONNX Runtime's (default: the CPUs "
@@ -481,6 +490,7 @@ def parse_settings(
         device=args.device,
         dtype=args.dtype,
         backend=args.backend,
+        device_preprocess=args.device_preprocess,
         threads=args.threads,
         onnx_cache_dir=args.onnx_cache_dir,
         dummy_weights=args.dummy_weights,

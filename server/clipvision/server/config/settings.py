@@ -64,6 +64,8 @@ class Settings:
     dtype: str = "auto"
     # Both towers' runtime: auto (ONNX Runtime for float32 on the CPU where installed).
     backend: str = "auto"
+    # Where images are resized and cropped: auto (the model's device when it is a GPU), on, off.
+    device_preprocess: str = "auto"
     # Intra-op threads of the forward pass; None: the CPUs the process may use (cgroup, affinity).
     threads: int | None = None
     # Where exported ONNX models are cached; None: ~/.cache/clipvision/onnx (XDG_CACHE_HOME).

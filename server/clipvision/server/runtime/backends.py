@@ -18,6 +18,7 @@ import torch
 
 from clipvision.server.config.cpu import cpu_budget
 from clipvision.server.errors import CheckpointError
+from clipvision.server.runtime import device_resize
 from clipvision.server.runtime.checkpoint import Checkpoint
 from clipvision.server.runtime.image_encoder import FloatArray
 from clipvision.server.runtime.onnx_backend import (
@@ -168,3 +169,46 @@ def _runner(
     )
     release_weights(module)
     return runner
+
+
+def prepare_device_preprocess(name: str, checkpoint: Checkpoint, requested: str) -> bool:
+    """Run on the device thread: whether this model's images are resized on its device.
+
+    ``auto`` does it on a GPU, ``on`` everywhere (the CPU too: tests, benchmarks), ``off``
+    never. It serves only after its start-up check finds Pillow's bytes exactly; a filter
+    it cannot reproduce exactly, or any difference, keeps Pillow on the CPU.
+    """
+    device = checkpoint.device
+    if requested == "off" or (requested == "auto" and device.type != "cuda"):
+        return False
+    config = checkpoint.preprocess
+    if not device_resize.supports(config):
+        logger.warning(
+            "model %s: its resampling filter (%d) is not reproduced exactly on a device; "
+            "images are resized with Pillow on the CPU",
+            name,
+            config.resample,
+        )
+        return False
+    try:
+        differing = device_resize.self_check(config, device)
+    except Exception as exc:  # a device without float64 (MPS), say
+        logger.warning(
+            "model %s: resizing on %s failed its start-up check (%s); images are resized "
+            "on the CPU",
+            name,
+            device,
+            exc,
+        )
+        return False
+    if differing:
+        logger.warning(
+            "model %s: resizing on %s differed from Pillow in %d bytes of the start-up check "
+            "(a Pillow release that resizes differently?); images are resized on the CPU",
+            name,
+            device,
+            differing,
+        )
+        return False
+    logger.info("model %s: images resized and cropped on %s (start-up check: exact)", name, device)
+    return True

@@ -3,6 +3,10 @@
 Each step is a plain synchronous function; the server calls them through
 ``loop.run_in_executor`` so the event loop never blocks. The model is shared by
 every request without a lock: it runs in inference mode and mutates nothing.
+
+With ``device_preprocess`` the CPU workers only decode (EXIF, RGB) and the device
+thread resizes and crops each batch on the model's device, bit for bit as Pillow
+does (runtime.device_resize): a large photograph's resize is most of its CPU cost.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from clipvision.server.config.limits import ImageLimits
 from clipvision.server.resources.admission import ItemCost
 from clipvision.server.runtime.checkpoint import Checkpoint
+from clipvision.server.runtime.device_resize import DeviceGeometry
 from clipvision.server.runtime.preprocess import (
     ClipPreprocessor,
     ProbedImage,
@@ -40,6 +45,7 @@ class ClipImageEncoder:
         checkpoint: Checkpoint,
         limits: ImageLimits,
         runner: Callable[[UInt8Array], FloatArray] | None = None,
+        device_preprocess: bool = False,
     ) -> None:
         self.name = name
         self.source = source
@@ -55,12 +61,22 @@ class ClipImageEncoder:
         self._table = torch.from_numpy(self.preprocessor.lookup_table).to(checkpoint.device)
         self._channels = torch.arange(3, device=checkpoint.device).view(1, 3, 1, 1)
         self._pin_memory = checkpoint.device.type == "cuda"
+        self.geometry = DeviceGeometry(checkpoint.preprocess) if device_preprocess else None
+
+    @property
+    def preprocess_device(self) -> str:
+        """Where resizing and cropping run: "pillow" (the CPU workers) or the model's device."""
+        return "pillow" if self.geometry is None else str(self.checkpoint.device)
 
     def preprocess(self, data: bytes | ProbedImage) -> UInt8Array:
-        """Decode one encoded (or already probed) image into resized, cropped (3, H, W) uint8."""
-        if isinstance(data, ProbedImage):
-            return self.preprocessor.pixels(load_image(data))
-        return self.preprocessor.pixels(decode_image(data, self.limits))
+        """Decode one encoded (or already probed) image into resized, cropped (3, H, W) uint8;
+        with device preprocessing, into its full-size (H, W, 3) RGB for the device to resize."""
+        image = (
+            load_image(data) if isinstance(data, ProbedImage) else decode_image(data, self.limits)
+        )
+        if self.geometry is not None:
+            return self.preprocessor.rgb(image)
+        return self.preprocessor.pixels(image)
 
     def probe(self, data: bytes) -> ProbedImage:
         """Parse and check one encoded image's header under the limits, decoding nothing."""
@@ -69,28 +85,57 @@ class ClipImageEncoder:
     def cost(self, probed: ProbedImage) -> ItemCost:
         """What a probed image holds: bytes and pixels until answered, more while decoded."""
         config = self.checkpoint.preprocess
+        # What waits for the device: the crop, or the full-size RGB image the device resizes.
+        held = 3 * probed.pixels if self.geometry is not None else output_bytes(probed, config)
         return ItemCost(
             # Twice: the request message holds the bytes, and so does the copy protobuf
             # makes when Image.content is read (upb copies bytes fields on access).
-            resident=2 * probed.encoded_bytes + output_bytes(probed, config),
+            resident=2 * probed.encoded_bytes + held,
             decode=decode_working_set(probed, config),
         )
 
-    def forward(self, pixels: UInt8Array) -> torch.Tensor:
-        """Run the tower and projection on an (N, 3, H, W) uint8 batch; output stays on device."""
+    def forward(self, pixels: UInt8Array | torch.Tensor) -> torch.Tensor:
+        """Run the tower and projection on an (N, 3, H, W) uint8 batch (on the host, or on the
+        device already); the output stays on the device."""
         checkpoint = self.checkpoint
         if self.runner is not None:
             # uint8 in, features out on the host; to_host's copy is then a no-op.
-            return torch.from_numpy(self.runner(pixels))
+            host = pixels.cpu().numpy() if isinstance(pixels, torch.Tensor) else pixels
+            return torch.from_numpy(self.runner(host))
         # inference_mode is per thread, so it is entered here, inside the worker.
         with torch.inference_mode():
-            batch = torch.from_numpy(pixels)
-            if self._pin_memory:
-                batch = batch.pin_memory()
-            batch = batch.to(checkpoint.device, non_blocking=True).long()
-            values = self._table[self._channels, batch].to(checkpoint.dtype)
+            batch = pixels if isinstance(pixels, torch.Tensor) else self._upload(pixels)
+            values = self._table[self._channels, batch.long()].to(checkpoint.dtype)
             embeds: torch.Tensor = checkpoint.model(pixel_values=values).image_embeds
             return embeds
+
+    def _upload(self, array: UInt8Array) -> torch.Tensor:
+        """Host uint8 to the device: pinned on CUDA, so that the copy overlaps."""
+        tensor = torch.from_numpy(array)
+        if self._pin_memory:
+            tensor = tensor.pin_memory()
+        return tensor.to(self.checkpoint.device, non_blocking=True)
+
+    def resize_on_device(self, images: list[UInt8Array]) -> torch.Tensor:
+        """Full-size (H, W, 3) RGB images -> an (N, 3, h, w) uint8 batch on the device, resized
+        and cropped as Pillow does; images of one size are resized together."""
+        assert self.geometry is not None
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(images):
+            by_size.setdefault(image.shape, []).append(index)
+        config = self.checkpoint.preprocess
+        parts: list[torch.Tensor | None] = [None] * len(images)
+        with torch.inference_mode():
+            for indices in by_size.values():
+                group = self._upload(np.stack([images[i] for i in indices]))
+                resized = self.geometry.pixels(group.permute(0, 3, 1, 2))
+                for position, index in enumerate(indices):
+                    parts[index] = resized[position]
+            batch = torch.stack([part for part in parts if part is not None])
+        expected = (config.crop_height, config.crop_width) if config.do_center_crop else None
+        if expected is not None and tuple(batch.shape[-2:]) != expected:
+            raise RuntimeError(f"device preprocessing gave {tuple(batch.shape)}")
+        return batch
 
     def to_host(self, features: torch.Tensor) -> FloatArray:
         """Copy projected features to host memory as float32, one row per image."""
@@ -106,12 +151,16 @@ class ClipImageEncoder:
         )
         for size in batch_sizes:
             self.to_host(self.forward(np.zeros((size, 3, height, width), dtype=np.uint8)))
+        if self.geometry is not None:
+            self.embed_batch([np.zeros((480, 640, 3), dtype=np.uint8)])
 
     def embed_batch(self, pixels: list[UInt8Array]) -> FloatArray:
         """Forward a batch of preprocessed images and copy the features to the host.
 
         The batcher's batch function: one call, one hop of the device thread.
         """
+        if self.geometry is not None:
+            return self.to_host(self.forward(self.resize_on_device(pixels)))
         return self.to_host(self.forward(np.stack(pixels)))
 
 

@@ -23,7 +23,11 @@ from clipvision.server.errors import (
 from clipvision.server.resources.admission import BudgetObserver, MemoryBudget
 from clipvision.server.resources.allocator import release_free_memory
 from clipvision.server.resources.memory import default_budget, default_limit, resident_bytes
-from clipvision.server.runtime.backends import prepare_image_runner, prepare_text_runner
+from clipvision.server.runtime.backends import (
+    prepare_device_preprocess,
+    prepare_image_runner,
+    prepare_text_runner,
+)
 from clipvision.server.runtime.batcher import BatchObserver, MicroBatcher
 from clipvision.server.runtime.checkpoint import (
     Checkpoint,
@@ -248,8 +252,20 @@ class ModelRegistry:
                 cache_dir=settings.onnx_cache_dir,
             ),
         )
+        on_device = await loop.run_in_executor(
+            self._executor,
+            prepare_device_preprocess,
+            slot.spec.name,
+            checkpoint,
+            settings.device_preprocess,
+        )
         encoder = ClipImageEncoder(
-            slot.spec.name, slot.spec.source, checkpoint, settings.image_limits, runner
+            slot.spec.name,
+            slot.spec.source,
+            checkpoint,
+            settings.image_limits,
+            runner,
+            device_preprocess=on_device,
         )
         await loop.run_in_executor(self._executor, encoder.warm_up, (1, settings.max_batch_size))
         batcher = MicroBatcher(

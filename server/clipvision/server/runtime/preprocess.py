@@ -38,7 +38,7 @@ _CONVERTIBLE_MODES = frozenset(
 # A resized-but-uncropped image larger than this (64 MiB as PIL stores RGB) comes only from
 # extreme aspect ratios (over ~330:1 at 224 px); a 1x4,000,000 strip would need terabytes, so
 # such images are resized through a box around the crop instead, within a level or two of exact.
-_MAX_RESIZED_PIXELS = 1 << 24
+MAX_RESIZED_PIXELS = 1 << 24
 
 FloatArray = npt.NDArray[np.float32]
 UInt8Array = npt.NDArray[np.uint8]
@@ -290,6 +290,12 @@ class ClipPreprocessor:
         """Convert to RGB, resize the shortest edge, centre-crop, rescale and normalise."""
         return self.normalize(self.pixels(image))
 
+    def rgb(self, image: Image.Image) -> UInt8Array:
+        """The image in RGB, at its full size, as (H, W, 3) uint8: what a device that resizes
+        and crops itself (runtime.device_resize) takes."""
+        rgb = _to_rgb(image) if self.config.do_convert_rgb else _plain_rgb(image)
+        return np.asarray(rgb)
+
     def pixels(self, image: Image.Image) -> UInt8Array:
         """The RGB, resized and cropped image as a (3, crop_h, crop_w) uint8 array."""
         config = self.config
@@ -311,9 +317,9 @@ class ClipPreprocessor:
     def _resize_and_crop(self, image: Image.Image) -> Image.Image:
         config = self.config
         width, height = image.size
-        new_width, new_height = _resized_size(width, height, config.shortest_edge)
+        new_width, new_height = resized_size(width, height, config.shortest_edge)
         crop_w, crop_h = config.crop_width, config.crop_height
-        if not config.do_center_crop or new_width * new_height <= _MAX_RESIZED_PIXELS:
+        if not config.do_center_crop or new_width * new_height <= MAX_RESIZED_PIXELS:
             if (new_width, new_height) != image.size:
                 image = image.resize((new_width, new_height), config.resample)
             return _center_crop(image, crop_w, crop_h) if config.do_center_crop else image
@@ -327,7 +333,7 @@ class ClipPreprocessor:
         return part.crop((left - x0, top - y0, left - x0 + crop_w, top - y0 + crop_h))
 
 
-def _resized_size(width: int, height: int, shortest_edge: int) -> tuple[int, int]:
+def resized_size(width: int, height: int, shortest_edge: int) -> tuple[int, int]:
     """transformers' get_resize_output_image_size, with its float arithmetic and truncation."""
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(shortest_edge * long / short)
@@ -356,8 +362,8 @@ def decode_working_set(probed: ProbedImage, config: PreprocessConfig) -> int:
     rotated = stored if _may_rotate(image) else 0
     per_pixel = stored + max(converted, rotated, 4 if probed.mode in _UNPREMULTIPLIED else 0)
     per_pixel += _DECODER_BYTES.get(probed.format, 0)
-    out_w, out_h = _resized_size(width, height, config.shortest_edge)
-    if config.do_center_crop and out_w * out_h > _MAX_RESIZED_PIXELS:
+    out_w, out_h = resized_size(width, height, config.shortest_edge)
+    if config.do_center_crop and out_w * out_h > MAX_RESIZED_PIXELS:
         out_w, out_h = config.crop_width, config.crop_height
     # PIL resamples horizontally first, into out_w x (the source rows it needs), then vertically.
     resized = 4 * out_w * (max(height, width) + out_h)
@@ -371,7 +377,7 @@ def output_bytes(probed: ProbedImage, config: PreprocessConfig) -> int:
     if config.do_center_crop:
         return 3 * config.crop_width * config.crop_height
     if config.do_resize:
-        width, height = _resized_size(probed.width, probed.height, config.shortest_edge)
+        width, height = resized_size(probed.width, probed.height, config.shortest_edge)
         return 3 * width * height
     return 3 * probed.pixels
 
