@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from clipvision.server.config.settings import Settings
-from clipvision.server.runtime import backends, device_resize
+from clipvision.server.runtime import backends, device_resize, models
 from clipvision.server.runtime.device_resize import DeviceGeometry, plan_resize
+from clipvision.server.runtime.gpu_decode import EncodedJpeg, GpuJpegDecoder
 from clipvision.server.runtime.preprocess import (
     ClipPreprocessor,
     PreprocessConfig,
@@ -30,6 +31,7 @@ from clipvision.server.runtime.preprocess import (
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import running_server, settings_with
+from tests.processes import server_process
 from tests.test_preprocess import (
     CONFIGS,
     LIMITS,
@@ -194,6 +196,8 @@ async def test_a_server_resizing_on_the_device_answers_as_one_resizing_with_pill
             reply = await stub.EmbedImages(
                 pb.EmbedImagesRequest(images=photos, normalize=False), timeout=60
             )
+            errors = [r.error.message for r in reply.results if r.HasField("error")]
+            assert errors == []
             vectors[mode] = np.array([result.embedding.values for result in reply.results])
             assert server.registry.budget.used == 0
     assert vectors["on"].shape == (len(PHOTOS), 16)
@@ -209,3 +213,88 @@ def test_an_unexact_filter_keeps_pillow_when_the_device_is_asked_for(
     assert not backends.prepare_device_preprocess("m", checkpoint, "on")
     assert "not reproduced exactly" in caplog.text
     assert not backends.prepare_device_preprocess("m", checkpoint, "auto")
+
+
+# -- decoding on the GPU (--gpu-decode) ---------------------------------------------------------
+
+
+class PillowAsGpu(GpuJpegDecoder):
+    """Stands in for nvJPEG where there is no GPU: decodes with Pillow (so exactly), and
+    refuses what a test names, as nvJPEG refuses some files. It tests the plumbing, not nvJPEG."""
+
+    def __init__(self, device: torch.device, refuse: bytes = b"") -> None:
+        self.device = device
+        self.refuse = refuse
+        self.batches: list[int] = []
+
+    def decode(self, jpegs: list[EncodedJpeg]) -> list[torch.Tensor | None]:
+        self.batches.append(len(jpegs))
+        outcomes: list[torch.Tensor | None] = []
+        for jpeg in jpegs:
+            if self.refuse and self.refuse in jpeg.data:
+                outcomes.append(None)
+                continue
+            rgb = ClipPreprocessor(PreprocessConfig.openai_clip()).rgb(
+                decode_image(jpeg.data, LIMITS)
+            )
+            outcomes.append(torch.from_numpy(np.array(rgb)).permute(2, 0, 1))
+        return outcomes
+
+
+async def test_gpu_decode_is_refused_at_start_without_cuda(clip_dir: Path) -> None:
+    async with server_process(
+        "--model", f"tiny={clip_dir}", "--device", "cpu", "--gpu-decode"
+    ) as server:
+        code, log = await server.finish()
+    assert code == 1
+    assert "--gpu-decode needs the model on a CUDA device; it runs on cpu" in log
+    assert "Traceback" not in log
+
+
+async def test_jpegs_go_to_the_gpu_decoder_and_the_rest_and_its_refusals_to_pillow(
+    base_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refused = encode(astronaut((300, 200)), "JPEG", quality=90, comment=b"refuse-me")
+    truncated = photo_bytes("rocket.jpg")[:20_000]
+    cmyk = encode(astronaut((120, 90)).convert("CMYK"), "JPEG", quality=90)
+    images = [
+        photo_bytes("rocket.jpg"),
+        photo_bytes("chelsea.png"),
+        refused,
+        cmyk,
+        truncated,
+        photo_bytes("hubble_deep_field.jpg"),
+    ]
+    fake = PillowAsGpu(CPU, refuse=b"refuse-me")
+    monkeypatch.setattr(models, "GpuJpegDecoder", lambda device: fake)
+    answers = {}
+    for gpu in (False, True):
+        settings = settings_with(
+            base_settings, device_preprocess="on", gpu_decode=gpu, backend="torch"
+        )
+        async with running_server(settings) as (server, channel):
+            stub = pb_grpc.EmbeddingServiceStub(channel)
+            request = pb.EmbedImagesRequest(
+                images=[pb.Image(content=data) for data in images], normalize=False
+            )
+            reply = await stub.EmbedImages(request, timeout=60)
+            answers[gpu] = reply.results
+            assert server.registry.budget.used == 0
+    # The two JPEGs it takes went to the "GPU" (the CMYK one and the PNG did not).
+    assert sum(fake.batches) >= 3
+    for plain, on_gpu in zip(answers[False], answers[True], strict=True):
+        assert plain.WhichOneof("result") == on_gpu.WhichOneof("result")
+        if plain.HasField("error"):
+            assert on_gpu.error.reason == plain.error.reason == "IMAGE_DECODE_FAILED"
+        else:
+            np.testing.assert_allclose(
+                on_gpu.embedding.values, plain.embedding.values, rtol=0, atol=1e-6
+            )
+    assert [r.WhichOneof("result") for r in answers[True]] == [
+        "embedding",
+        "embedding",
+        "embedding",
+        "embedding",
+        "error",
+        "embedding",
+    ]

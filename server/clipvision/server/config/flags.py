@@ -141,6 +141,15 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "(default: $XDG_CACHE_HOME/clipvision/onnx, else ~/.cache/clipvision/onnx)",
     )
     parser.add_argument(
+        "--gpu-decode",
+        action="store_true",
+        default=_flag(env, "CLIPVISION_GPU_DECODE"),
+        help="decode JPEGs on the GPU with nvJPEG (torchvision) instead of Pillow: faster, but "
+        "not bit-exact (pixels differ by a few levels: docs/PERFORMANCE.md); needs a CUDA "
+        "device and images resized on it; other formats, and JPEGs nvJPEG refuses, are "
+        "decoded on the CPU [env CLIPVISION_GPU_DECODE=1]",
+    )
+    parser.add_argument(
         "--dummy-weights",
         action="store_true",
         default=_flag(env, "CLIPVISION_DUMMY_WEIGHTS"),
@@ -491,6 +500,7 @@ def parse_settings(
         dtype=args.dtype,
         backend=args.backend,
         device_preprocess=args.device_preprocess,
+        gpu_decode=args.gpu_decode,
         threads=args.threads,
         onnx_cache_dir=args.onnx_cache_dir,
         dummy_weights=args.dummy_weights,

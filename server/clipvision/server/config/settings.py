@@ -66,6 +66,8 @@ class Settings:
     backend: str = "auto"
     # Where images are resized and cropped: auto (the model's device when it is a GPU), on, off.
     device_preprocess: str = "auto"
+    # JPEGs decoded by nvJPEG on the GPU (not bit-exact; needs CUDA and device resizing).
+    gpu_decode: bool = False
     # Intra-op threads of the forward pass; None: the CPUs the process may use (cgroup, affinity).
     threads: int | None = None
     # Where exported ONNX models are cached; None: ~/.cache/clipvision/onnx (XDG_CACHE_HOME).

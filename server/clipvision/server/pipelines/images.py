@@ -39,9 +39,14 @@ from clipvision.server.resources.admission import (
 )
 from clipvision.server.resources.dispatch import FairDispatcher, Job
 from clipvision.server.runtime.batcher import Embedded
-from clipvision.server.runtime.image_encoder import ClipImageEncoder, FloatArray, l2_normalize
+from clipvision.server.runtime.image_encoder import (
+    ClipImageEncoder,
+    FloatArray,
+    ImagePayload,
+    l2_normalize,
+)
 from clipvision.server.runtime.models import ServedModel
-from clipvision.server.runtime.preprocess import ProbedImage, UInt8Array
+from clipvision.server.runtime.preprocess import ProbedImage
 from clipvision.v1 import embedding_service_pb2 as pb
 
 ImageSource = pb.Image | bytes
@@ -248,7 +253,7 @@ class ImagePipeline:
         self,
         item: _Item,
         decoded: Any,
-        outcome: tuple[UInt8Array, float] | BaseException,
+        outcome: tuple[ImagePayload, float] | BaseException,
     ) -> None:
         decoded()  # the decode's working set is free again (or was never used)
         item.job = None
@@ -259,7 +264,7 @@ class ImagePipeline:
             return
         self._prepared(item, *outcome)
 
-    def _prepared(self, item: _Item, pixels: UInt8Array, preprocess_s: float) -> None:
+    def _prepared(self, item: _Item, pixels: ImagePayload, preprocess_s: float) -> None:
         item.preprocess_s = preprocess_s
         item.model.batcher.put(
             pixels, item.caller, functools.partial(self._embedded, item), item.future.done
@@ -308,7 +313,7 @@ class _Decoded:
 
     __slots__ = ("pixels", "preprocess_s", "ticket")
 
-    def __init__(self, pixels: UInt8Array, preprocess_s: float, ticket: Ticket) -> None:
+    def __init__(self, pixels: ImagePayload, preprocess_s: float, ticket: Ticket) -> None:
         self.pixels = pixels
         self.preprocess_s = preprocess_s
         self.ticket = ticket
@@ -328,7 +333,7 @@ def _probe_and_decode(
     if ticket is None:
         return _Probed(probed, cost)
     try:
-        pixels = encoder.preprocess(probed)
+        pixels = encoder.prepare(probed)
     except BaseException:
         ticket.start_decode()()
         ticket.release()
@@ -336,11 +341,11 @@ def _probe_and_decode(
     return _Decoded(pixels, time.perf_counter() - started, ticket)
 
 
-def _prepare(encoder: ClipImageEncoder, probed: ProbedImage) -> tuple[UInt8Array, float]:
+def _prepare(encoder: ClipImageEncoder, probed: ProbedImage) -> tuple[ImagePayload, float]:
     """Decode and preprocess one image (runs in the preprocessing pool).
 
     Timed here, in the worker, so that waiting for a free worker is not counted.
     """
     started = time.perf_counter()
-    pixels = encoder.preprocess(probed)
+    pixels = encoder.prepare(probed)
     return pixels, time.perf_counter() - started

@@ -27,7 +27,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Generic, Literal, Protocol, TypeVar
 
-from clipvision.server.errors import InternalError, OverloadedError, Reason
+from clipvision.server.errors import ClipVisionError, InternalError, OverloadedError, Reason
 from clipvision.server.resources.admission import BudgetObserver, FairPool
 from clipvision.server.runtime.image_encoder import FloatArray
 
@@ -247,8 +247,13 @@ class MicroBatcher(Generic[Payload]):
         started = time.perf_counter()
         try:
             rows, seconds = await self._embed([item.payload for item in batch])
-        except Exception:
+        except Exception as exc:
             if len(batch) == 1:
+                if isinstance(exc, ClipVisionError):
+                    # The item's own fault, found on the device thread (a JPEG that only the
+                    # CPU could decode and cannot): answered with its reason, as elsewhere.
+                    _fail(batch[0], exc)
+                    return
                 logger.exception(
                     "forward pass failed for one %s of model %s", self.modality, self.name
                 )

@@ -11,7 +11,7 @@ does (runtime.device_resize): a large photograph's resize is most of its CPU cos
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -21,6 +21,7 @@ from clipvision.server.config.limits import ImageLimits
 from clipvision.server.resources.admission import ItemCost
 from clipvision.server.runtime.checkpoint import Checkpoint
 from clipvision.server.runtime.device_resize import DeviceGeometry
+from clipvision.server.runtime.gpu_decode import EncodedJpeg, GpuJpegDecoder
 from clipvision.server.runtime.preprocess import (
     ClipPreprocessor,
     ProbedImage,
@@ -33,6 +34,8 @@ from clipvision.server.runtime.preprocess import (
 )
 
 FloatArray = npt.NDArray[np.float32]
+# What the workers hand the device thread for one image: pixels, or a JPEG for the GPU.
+ImagePayload = UInt8Array | EncodedJpeg
 
 
 class ClipImageEncoder:
@@ -46,6 +49,7 @@ class ClipImageEncoder:
         limits: ImageLimits,
         runner: Callable[[UInt8Array], FloatArray] | None = None,
         device_preprocess: bool = False,
+        gpu_decoder: GpuJpegDecoder | None = None,
     ) -> None:
         self.name = name
         self.source = source
@@ -62,11 +66,22 @@ class ClipImageEncoder:
         self._channels = torch.arange(3, device=checkpoint.device).view(1, 3, 1, 1)
         self._pin_memory = checkpoint.device.type == "cuda"
         self.geometry = DeviceGeometry(checkpoint.preprocess) if device_preprocess else None
+        if gpu_decoder is not None and self.geometry is None:
+            raise ValueError("decoding on the GPU needs the images resized on the device")
+        self.gpu_decoder = gpu_decoder
 
     @property
     def preprocess_device(self) -> str:
         """Where resizing and cropping run: "pillow" (the CPU workers) or the model's device."""
         return "pillow" if self.geometry is None else str(self.checkpoint.device)
+
+    def prepare(self, probed: ProbedImage) -> ImagePayload:
+        """What the device thread gets for a probed image: ``preprocess``'s pixels, or with
+        GPU decoding a JPEG still encoded (its header already checked)."""
+        if self._to_gpu(probed):
+            encoded: bytes = probed.image.fp.getvalue()  # type: ignore[union-attr]
+            return EncodedJpeg(encoded, probed.width, probed.height)
+        return self.preprocess(probed)
 
     def preprocess(self, data: bytes | ProbedImage) -> UInt8Array:
         """Decode one encoded (or already probed) image into resized, cropped (3, H, W) uint8;
@@ -85,6 +100,9 @@ class ClipImageEncoder:
     def cost(self, probed: ProbedImage) -> ItemCost:
         """What a probed image holds: bytes and pixels until answered, more while decoded."""
         config = self.checkpoint.preprocess
+        if self._to_gpu(probed):
+            # Decoded in the GPU's memory, not the host's: only the bytes are held here.
+            return ItemCost(resident=2 * probed.encoded_bytes, decode=0)
         # What waits for the device: the crop, or the full-size RGB image the device resizes.
         held = 3 * probed.pixels if self.geometry is not None else output_bytes(probed, config)
         return ItemCost(
@@ -93,6 +111,9 @@ class ClipImageEncoder:
             resident=2 * probed.encoded_bytes + held,
             decode=decode_working_set(probed, config),
         )
+
+    def _to_gpu(self, probed: ProbedImage) -> bool:
+        return self.gpu_decoder is not None and self.gpu_decoder.accepts(probed.format, probed.mode)
 
     def forward(self, pixels: UInt8Array | torch.Tensor) -> torch.Tensor:
         """Run the tower and projection on an (N, 3, H, W) uint8 batch (on the host, or on the
@@ -110,25 +131,35 @@ class ClipImageEncoder:
             return embeds
 
     def _upload(self, array: UInt8Array) -> torch.Tensor:
-        """Host uint8 to the device: pinned on CUDA, so that the copy overlaps."""
-        tensor = torch.from_numpy(array)
-        if self._pin_memory:
-            tensor = tensor.pin_memory()
-        return tensor.to(self.checkpoint.device, non_blocking=True)
+        """Host uint8 to the device: through pinned memory on CUDA, so that the copy overlaps.
 
-    def resize_on_device(self, images: list[UInt8Array]) -> torch.Tensor:
-        """Full-size (H, W, 3) RGB images -> an (N, 3, h, w) uint8 batch on the device, resized
-        and cropped as Pillow does; images of one size are resized together."""
+        Pillow's arrays are read-only (they wrap its bytes), which torch will not wrap: they
+        are copied once, into the pinned buffer on CUDA.
+        """
+        if self._pin_memory:
+            host = torch.empty(array.shape, dtype=torch.uint8, pin_memory=True)
+            host.numpy()[...] = array
+        elif array.flags.writeable:
+            host = torch.from_numpy(array)
+        else:
+            host = torch.tensor(array)
+        return host.to(self.checkpoint.device, non_blocking=True)
+
+    def resize_on_device(self, images: Sequence[ImagePayload]) -> torch.Tensor:
+        """Full-size (H, W, 3) RGB images (or JPEGs to decode on the GPU) -> an (N, 3, h, w)
+        uint8 batch on the device, resized and cropped as Pillow does; images of one size
+        are resized together."""
         assert self.geometry is not None
-        by_size: dict[tuple[int, ...], list[int]] = {}
-        for index, image in enumerate(images):
-            by_size.setdefault(image.shape, []).append(index)
         config = self.checkpoint.preprocess
         parts: list[torch.Tensor | None] = [None] * len(images)
         with torch.inference_mode():
+            full = self._full_size_on_device(images)
+            by_size: dict[tuple[int, ...], list[int]] = {}
+            for index, image in enumerate(full):
+                by_size.setdefault(tuple(image.shape), []).append(index)
             for indices in by_size.values():
-                group = self._upload(np.stack([images[i] for i in indices]))
-                resized = self.geometry.pixels(group.permute(0, 3, 1, 2))
+                group = torch.stack([full[i] for i in indices])
+                resized = self.geometry.pixels(group)
                 for position, index in enumerate(indices):
                     parts[index] = resized[position]
             batch = torch.stack([part for part in parts if part is not None])
@@ -136,6 +167,26 @@ class ClipImageEncoder:
         if expected is not None and tuple(batch.shape[-2:]) != expected:
             raise RuntimeError(f"device preprocessing gave {tuple(batch.shape)}")
         return batch
+
+    def _full_size_on_device(self, images: Sequence[ImagePayload]) -> list[torch.Tensor]:
+        """Each image as (3, H, W) uint8 on the device: uploaded, or decoded there (nvJPEG),
+        or, where nvJPEG refuses one, decoded on the CPU here and uploaded."""
+        decoded: dict[int, torch.Tensor | None] = {}
+        jpegs = [(i, image) for i, image in enumerate(images) if isinstance(image, EncodedJpeg)]
+        if jpegs:
+            assert self.gpu_decoder is not None
+            outcomes = self.gpu_decoder.decode([jpeg for _, jpeg in jpegs])
+            decoded = {index: outcome for (index, _), outcome in zip(jpegs, outcomes, strict=True)}
+        full: list[torch.Tensor] = []
+        for index, image in enumerate(images):
+            on_gpu = decoded.get(index)
+            if on_gpu is not None:
+                full.append(on_gpu)
+                continue
+            if isinstance(image, EncodedJpeg):  # refused by nvJPEG: Pillow decodes it
+                image = self.preprocessor.rgb(decode_image(image.data, self.limits))
+            full.append(self._upload(np.ascontiguousarray(image)).permute(2, 0, 1))
+        return full
 
     def to_host(self, features: torch.Tensor) -> FloatArray:
         """Copy projected features to host memory as float32, one row per image."""
@@ -154,14 +205,16 @@ class ClipImageEncoder:
         if self.geometry is not None:
             self.embed_batch([np.zeros((480, 640, 3), dtype=np.uint8)])
 
-    def embed_batch(self, pixels: list[UInt8Array]) -> FloatArray:
+    def embed_batch(self, pixels: Sequence[ImagePayload]) -> FloatArray:
         """Forward a batch of preprocessed images and copy the features to the host.
 
         The batcher's batch function: one call, one hop of the device thread.
         """
         if self.geometry is not None:
             return self.to_host(self.forward(self.resize_on_device(pixels)))
-        return self.to_host(self.forward(np.stack(pixels)))
+        arrays = [image for image in pixels if not isinstance(image, EncodedJpeg)]
+        assert len(arrays) == len(pixels), "JPEGs to decode on the GPU need device resizing"
+        return self.to_host(self.forward(np.stack(arrays)))
 
 
 def l2_normalize(vector: FloatArray) -> FloatArray:

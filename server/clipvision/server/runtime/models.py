@@ -35,9 +35,9 @@ from clipvision.server.runtime.checkpoint import (
     resolve_device,
     resolve_dtype,
 )
-from clipvision.server.runtime.image_encoder import ClipImageEncoder
+from clipvision.server.runtime.gpu_decode import GpuJpegDecoder
+from clipvision.server.runtime.image_encoder import ClipImageEncoder, ImagePayload
 from clipvision.server.runtime.label_cache import LabelCache
-from clipvision.server.runtime.preprocess import UInt8Array
 from clipvision.server.runtime.text_encoder import ClipTextEncoder, IdArray
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class ServedModel:
     """A loaded model: its image tower and batcher, and its text tower where it has one."""
 
     encoder: ClipImageEncoder
-    batcher: MicroBatcher[UInt8Array]
+    batcher: MicroBatcher[ImagePayload]
     text: TextModel | None = None
     text_missing: str = ""
     """Why there is no text tower, for the FAILED_PRECONDITION message."""
@@ -74,7 +74,7 @@ class ServedModel:
         """The name requests use to select this model."""
         return self.encoder.name
 
-    def batchers(self) -> list[MicroBatcher[UInt8Array] | MicroBatcher[IdArray]]:
+    def batchers(self) -> list[MicroBatcher[ImagePayload] | MicroBatcher[IdArray]]:
         """Every batcher of this model: the image one, and the text one if any."""
         if self.text is None:
             return [self.batcher]
@@ -266,6 +266,7 @@ class ModelRegistry:
             settings.image_limits,
             runner,
             device_preprocess=on_device,
+            gpu_decoder=self._gpu_decoder(slot.spec.name, checkpoint, on_device),
         )
         await loop.run_in_executor(self._executor, encoder.warm_up, (1, settings.max_batch_size))
         batcher = MicroBatcher(
@@ -341,6 +342,25 @@ class ModelRegistry:
             admission_observer=self._observer,
         )
         return TextModel(encoder, batcher, LabelCache(settings.label_cache_size))
+
+    def _gpu_decoder(
+        self, name: str, checkpoint: Checkpoint, on_device: bool
+    ) -> GpuJpegDecoder | None:
+        """nvJPEG for --gpu-decode; CheckpointError (the server does not start) where it
+        cannot be: no CUDA, no torchvision, or images not resized on the device."""
+        if not self._settings.gpu_decode:
+            return None
+        decoder = GpuJpegDecoder(checkpoint.device)
+        if not on_device:
+            raise CheckpointError(
+                f"--gpu-decode needs model {name}'s images resized on its device, which "
+                "--device-preprocess off, its resampling filter, or the start-up check "
+                "prevents (the log says which); drop --gpu-decode"
+            )
+        logger.info(
+            "model %s: JPEGs decoded on %s with nvJPEG (not bit-exact)", name, decoder.device
+        )
+        return decoder
 
     def _budget_bytes(self) -> int:
         """The configured budget, or the default for the memory limit and what is resident."""
