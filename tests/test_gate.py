@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import photo_bytes, running_server, settings_with
 from tests.h2wire import WireConnection, grpc_message
 from tests.processes import server_process
+from tests.scrape import scrape, value
 
 SERVICE = "/clipvision.v1.EmbeddingService"
 CHECK = "/grpc.health.v1.Health/Check"
@@ -66,20 +69,86 @@ async def _bystander_ok(channel: grpc.aio.Channel) -> None:
     assert len(embedded.embedding.values) > 0
 
 
-async def test_a_path_that_is_not_utf8_makes_the_process_exit_at_once(clip_dir: Path) -> None:
-    # grpcio's serving loop dies on such a path and the process is not safe to go on with
-    # (see clipvision/server/wire/listener.py): it must exit non-zero so its supervisor restarts it.
-    async with server_process("--model", f"tiny={clip_dir}", "--device", "cpu") as server:
+async def test_a_path_that_is_not_utf8_is_refused_and_the_process_serves_on(
+    clip_dir: Path,
+) -> None:
+    # grpcio's serving loop used to die on such a path (wire/listener.py): the listener now
+    # answers every call on an unregistered path before grpc decodes it.
+    async with server_process(
+        "--model", f"tiny={clip_dir}", "--device", "cpu", "--metrics-address", "127.0.0.1:0"
+    ) as server:
+        metrics_port = int((await server.wait_for(r"metrics on http://[\d.]+:(\d+)/")).group(1))
         port = int((await server.wait_for(r"listening on 127\.0\.0\.1:(\d+)")).group(1))
         await server.wait_for(r"serving tiny")
         async with await WireConnection.open(port) as wire:
-            stream_id = wire.start_call(b"/\xff" + b"x" * 120)
+            one = await wire.call(b"/\xff" + b"x" * 120, b"")
+            assert one.grpc_status == grpc.StatusCode.UNIMPLEMENTED.value[0]
+            assert "METHOD_NOT_FOUND" in repr(one.status_details)
+            # A thousand more, in every shape of bad bytes, on one connection and several.
+            paths = [b"/\xff", b"/\x80\x80", b"/\xc3", b"\xed\xa0\x80/x", b"/ok/\xfe\xff"]
+            for offset in range(0, 1000, 100):
+                ids = []
+                for index in range(offset, offset + 100):
+                    stream_id = wire.start_call(paths[index % len(paths)] + b"y" * (index % 7))
+                    wire.send_message(stream_id, b"", end_stream=True)
+                    ids.append(stream_id)
+                await wire.flush()
+                results = await wire.results(ids, timeout_s=30)
+                assert {r.grpc_status for r in results} == {grpc.StatusCode.UNIMPLEMENTED.value[0]}
+        async with await WireConnection.open(port) as other:
+            junk = await other.call(b"/\xff\xfe", b"")
+            assert junk.grpc_status == grpc.StatusCode.UNIMPLEMENTED.value[0]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await _bystander_ok(channel)
+        refused = value(
+            await scrape(metrics_port),
+            "clipvision_refused_calls_total",
+            method="unknown",
+            code="UNIMPLEMENTED",
+            reason="METHOD_NOT_FOUND",
+        )
+        assert refused == 1002
+        assert server.process.returncode is None, "the same process serves on"
+        server.process.send_signal(signal.SIGTERM)
+        code, log = await server.finish()
+    assert code == 0, log
+    assert "serving loop died" not in log
+    assert "Traceback" not in log
+
+
+# The listener without its guard, in a process of its own (the dead loop is not safe to go on
+# with): the watch on the serving loop must still make the process exit for its supervisor.
+_UNGUARDED = """
+import asyncio, os, sys
+import grpc
+from clipvision.server.wire.listener import GrpcListener
+
+async def main():
+    listener = GrpcListener(grpc.aio.server(), "127.0.0.1:0", None, lambda error: os._exit(3))
+    print("port", listener.bind(), flush=True)
+    await listener.start()
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+async def test_the_backstop_still_exits_if_the_serving_loop_dies() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _UNGUARDED, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        port = int((await asyncio.wait_for(process.stdout.readline(), 30)).split()[1])
+        async with await WireConnection.open(port) as wire:
+            stream_id = wire.start_call(b"/\xff")
             wire.send_message(stream_id, b"", end_stream=True)
             await wire.flush()
-        code, log = await server.finish()
-    assert code == 1, log
-    assert "serving loop died (UnicodeDecodeError" in log
-    assert "exiting with status 1" in log
+        assert await asyncio.wait_for(process.wait(), 30) == 3
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 async def test_malformed_messages_get_invalid_argument_without_internals(

@@ -175,6 +175,7 @@ class ClipVisionServer:
             settings.address,
             _credentials(settings),
             on_fatal=self._listener_lost,
+            refuse_unregistered=self.gate.refuse_unregistered,
         )
         self.fatal = asyncio.Event()
         self._stopped = False

@@ -392,32 +392,30 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
 
 
 def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
-    """Register the protocol's service, and UNIMPLEMENTED for its RPCs clipvision lacks."""
+    """Register the protocol's service, and UNIMPLEMENTED for its RPCs clipvision lacks.
+
+    Those are registered methods too: a path no service registers is refused before
+    grpc reads it (wire.listener), and Triton's clients deserve the sentence below.
+    """
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    server.add_generic_rpc_handlers((_Unimplemented(),))
+    server.add_registered_method_handlers(  # type: ignore[attr-defined]  # grpc-stubs lacks it
+        SERVICE_NAME, {name: _unimplemented(name) for name in sorted(OTHER_RPCS)}
+    )
 
 
-class _Unimplemented(grpc.GenericRpcHandler):  # type: ignore[type-arg]
-    """Answers the protocol's other RPCs (repository, statistics, shared memory, trace,
-    logging) with UNIMPLEMENTED and a sentence, through the same interceptors."""
+def _unimplemented(name: str) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler answering one of the protocol's other RPCs (repository, statistics, shared
+    memory, trace, logging) with UNIMPLEMENTED and a sentence, through the interceptors."""
 
-    def service(
-        self, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        service, _, name = handler_call_details.method.rpartition("/")
-        # Only the protocol's own names: any other path is the gate's unknown method, and
-        # never a metrics label (the caller chooses it).
-        if service != f"/{SERVICE_NAME}" or name not in OTHER_RPCS:
-            return None
+    async def refuse(request: bytes, context: Context) -> bytes:
+        raise MethodNotFoundError(
+            Reason.METHOD_NOT_FOUND,
+            f"clipvision does not implement {name} of the Open Inference Protocol; it "
+            "serves health, metadata, ModelInfer and ModelStreamInfer.",
+        )
 
-        async def refuse(request: bytes, context: Context) -> bytes:
-            raise MethodNotFoundError(
-                Reason.METHOD_NOT_FOUND,
-                f"clipvision does not implement {name} of the Open Inference Protocol; it "
-                "serves health, metadata, ModelInfer and ModelStreamInfer.",
-            )
-
-        return grpc.unary_unary_rpc_method_handler(refuse)
+    handler: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(refuse)
+    return handler
 
 
 # -- tensors -------------------------------------------------------------------------

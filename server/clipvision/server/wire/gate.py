@@ -178,6 +178,25 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 return self._refusal_handler(method, refusal)
         return self._guarded(handler, kind, method)
 
+    def refuse_unregistered(self) -> grpc.Status:
+        """Count and log (at a bounded rate) a call on a path no service registered, which the
+        listener answers before grpc reads the path; returns the status it answers with."""
+        error = MethodNotFoundError(
+            Reason.METHOD_NOT_FOUND,
+            "This server has no such method; reflection lists the ones it has.",
+        )
+        status = rich_status(error)
+        if self._metrics is not None:
+            self._metrics.on_refused(UNKNOWN_METHOD, status.code.name, error.reason.value)
+        self._log.log(
+            logging.INFO,
+            f"{UNKNOWN_METHOD} {error.reason.value}",
+            "a call on an unregistered path refused: %s %s",
+            status.code.name,
+            error.reason.value,
+        )
+        return status
+
     # -- handlers ---------------------------------------------------------------------------
 
     def _refusal_handler(self, label: str, error: ClipVisionError) -> Handler:
