@@ -16,18 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from clipvision.server.batch.encoders import ModelOptions
-from clipvision.server.batch.job import (
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    JobError,
-    RunOptions,
-    identify_model,
-    open_job,
-    run_shards,
-)
 from clipvision.server.batch.manifest import InputOptions
+from clipvision.server.batch.outcomes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, JobError
 from clipvision.server.batch.storage import JobDirectory, JobRecord, StorageError
 from clipvision.server.batch.verify import format_duration, status, verify
 from clipvision.server.config.settings import DEFAULT_MODEL
@@ -179,6 +169,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Imported here: the model stage needs torch, which status and verify do without.
+    from clipvision.server.batch.encoders import ModelOptions
+    from clipvision.server.batch.job import RunOptions, identify_model, open_job, run_shards
+
     model = args.model if args.model is not None else ("" if args.endpoint else DEFAULT_MODEL)
     options = RunOptions(
         input=args.input,
@@ -212,9 +206,9 @@ def _run(args: argparse.Namespace) -> int:
     )
     identity = identify_model(options)
     directory, record = open_job(options, identity, _say)
-    _start_ray(args.ray_address or os.environ.get("RAY_ADDRESS") or None)
+    address = args.ray_address or os.environ.get("RAY_ADDRESS") or None
     progress = not args.no_progress and sys.stderr.isatty()
-    report = run_shards(directory, record, options, identity, progress)
+    report = run_shards(directory, record, options, identity, progress, lambda: _start_ray(address))
     done = report.shards_before + report.shards_committed
     if report.shards_committed:
         rate = report.rows / report.seconds if report.seconds > 0 else 0.0

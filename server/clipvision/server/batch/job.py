@@ -29,6 +29,7 @@ from clipvision.server.batch.encoders import (
     read_model_config,
 )
 from clipvision.server.batch.manifest import InputOptions, list_input, write_manifest
+from clipvision.server.batch.outcomes import EXIT_FAILED, JobError
 from clipvision.server.batch.shards import ShardAssembler
 from clipvision.server.batch.stages import (
     EndpointEmbedder,
@@ -51,17 +52,6 @@ from clipvision.server.config.limits import ImageLimits
 from clipvision.v1 import embedding_service_pb2 as pb
 
 logger = logging.getLogger(__name__)
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-class JobError(Exception):
-    """The run cannot go on; ``message`` is one line for the user, ``status`` the exit status."""
-
-    def __init__(self, message: str, status: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -259,16 +249,12 @@ def run_shards(
     options: RunOptions,
     identity: ModelIdentity,
     progress: bool,
+    start_engine: Callable[[], None],
 ) -> RunReport:
-    """Embed every shard not yet committed, committing each as it completes (needs Ray)."""
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    """Embed every shard not yet committed, committing each as it completes.
 
-    context = DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    context.enable_auto_log_stats = False
-
+    ``start_engine`` connects to (or starts) Ray, only when there is something to embed.
+    """
     removed = directory.remove_temporaries()
     if removed:
         logger.info("removed %d temporary files an interrupted run left", removed)
@@ -277,6 +263,10 @@ def run_shards(
     report = RunReport(shards_total=record.shards, shards_before=len(done))
     if not pending:
         return report
+    start_engine()
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
     run = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
     started = time.time()
     directory.write_run(
@@ -289,6 +279,10 @@ def run_shards(
         },
     )
 
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    context.enable_auto_log_stats = False
     resources = ray.cluster_resources()
     cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
     hosted = options.endpoint is None
