@@ -16,6 +16,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import asyncio
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -24,11 +25,14 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import psutil
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import ray
 
+from clipvision.server.batch.cli import main as batch_main
+from clipvision.server.batch.storage import JobRecord
 from clipvision.server.config.settings import Settings
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
@@ -263,6 +267,13 @@ async def test_a_folder_gives_one_row_per_file_equal_to_the_server(
     assert {path: path.stat().st_mtime_ns for path in (out / "shards").iterdir()} == before
 
 
+def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[str]]:
+    """``clipvision batch ARGS`` in this process (for what fails before Ray starts)."""
+    capsys.readouterr()
+    status = batch_main(list(args))
+    return status, capsys.readouterr().err.splitlines()
+
+
 def refusals(live: LiveServer, code: str) -> float:
     """Calls the server's gate refused with ``code``, whatever the method and reason."""
     total = 0.0
@@ -293,3 +304,206 @@ async def test_endpoint_mode_retries_what_a_full_server_refuses_and_loses_nothin
     assert_rows_match(read_rows(str(out / "shards")), expected)
     verified = await batch("verify", str(out))
     assert verified.status == 0, verified.stdout + verified.stderr
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    """200 copies of the photographs: a job that runs long enough to be killed midway."""
+    root = tmp_path_factory.mktemp("many")
+    photos = sorted(DATA.glob("*.*g"))
+    for number in range(200):
+        photo = photos[number % len(photos)]
+        shutil.copy(photo, root / f"{number:03d}-{photo.name}")
+    return Corpus(root, sorted(path.name for path in root.iterdir()))
+
+
+async def many_results(server: LiveServer, many: Corpus) -> dict[str, pb.EmbedImagesResult]:
+    """The server's answer for each of the 200 files (one call per distinct photograph)."""
+    photos = Corpus(DATA, sorted(path.name for path in DATA.glob("*.*g")))
+    by_photo = await server_results(server, photos)
+    return {name: by_photo[name.partition("-")[2]] for name in many.files}
+
+
+def committed(out: Path) -> int:
+    """Shard files committed under ``out``."""
+    return len(list((out / "shards").glob("part-*.parquet")))
+
+
+async def wait_for_shards(process: asyncio.subprocess.Process, out: Path, count: int) -> None:
+    """Wait until ``count`` shards are committed."""
+    async with asyncio.timeout(RUN_TIMEOUT):
+        while committed(out) < count:
+            assert process.returncode is None, "the job ended before the test could act"
+            await asyncio.sleep(0.05)
+
+
+async def test_a_killed_driver_is_resumed_by_a_rerun_without_loss_or_duplicates(
+    ray_address: str, many: Corpus, server: LiveServer, base_settings: Settings, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = [
+        "run", str(many.root), "--output", str(out), *model_flags(base_settings),
+        "--shard-size", "8", "--batch-size", "8", "--ray-address", ray_address,
+    ]  # fmt: skip
+    process = await start_batch(*args)
+    await wait_for_shards(process, out, 2)
+    process.send_signal(signal.SIGKILL)
+    await process.communicate()
+    before = committed(out)
+    assert 2 <= before < 25, "the job was not killed midway"
+    half = await batch("status", str(out), "--json")
+    assert json.loads(half.stdout)["shards_done"] == before
+    assert (await batch("verify", str(out))).status == 1  # not complete yet
+    done = await batch(*args)
+    assert done.status == 0, done.stderr
+    assert f"committed {25 - before} shards this run" in done.stderr
+    verified = await batch("verify", str(out))
+    assert verified.status == 0, verified.stdout + verified.stderr
+    assert_rows_match(read_rows(str(out / "shards")), await many_results(server, many))
+    assert not [path for path in out.rglob("*") if ".tmp-" in path.name]
+
+
+def model_actor_pids() -> list[int]:
+    """Processes of this machine's Ray workers that host ImageEmbedder actors."""
+    pids = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if "ImageEmbedder" in cmdline and cmdline.startswith("ray::"):
+            pids.append(process.info["pid"])
+    return pids
+
+
+async def test_a_killed_model_actor_is_replaced_and_nothing_is_lost(
+    ray_address: str, many: Corpus, server: LiveServer, base_settings: Settings, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    args = [
+        "run", str(many.root), "--output", str(out), *model_flags(base_settings),
+        "--shard-size", "8", "--batch-size", "8", "--ray-address", ray_address,
+    ]  # fmt: skip
+    process = await start_batch(*args)
+    await wait_for_shards(process, out, 1)
+    (pid,) = model_actor_pids()
+    os.kill(pid, signal.SIGKILL)
+    async with asyncio.timeout(RUN_TIMEOUT):
+        _, stderr = await process.communicate()
+    # Ray restarts the actor and retries its batch: the run ends complete by itself.
+    assert process.returncode == 0, stderr.decode()
+    verified = await batch("verify", str(out))
+    assert verified.status == 0, verified.stdout + verified.stderr
+    assert_rows_match(read_rows(str(out / "shards")), await many_results(server, many))
+
+
+async def test_s3_input_and_output_through_a_local_emulator(
+    ray_address: str,
+    s3: S3,
+    corpus: Corpus,
+    server: LiveServer,
+    base_settings: Settings,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    s3.fs.create_dir("photos")
+    s3.fs.create_dir("embeddings")
+    for name in corpus.files:
+        with s3.fs.open_output_stream(f"photos/set/{name}") as stream:
+            stream.write((corpus.root / name).read_bytes())
+    done = await batch(
+        "run", "s3://photos/set/", "--output", "s3://embeddings/job", *model_flags(base_settings),
+        "--all-files", "--shard-size", "4", "--batch-size", "4", "--ray-address", ray_address,
+    )  # fmt: skip
+    assert done.status == 0, done.stderr
+    verified = await batch("verify", "s3://embeddings/job")
+    assert verified.status == 0, verified.stdout + verified.stderr
+    rows = read_rows("embeddings/job/shards", s3.fs)
+    assert_rows_match(rows, await server_results(server, corpus))
+    assert rows["camera.png"]["source"] == "s3://photos/set/camera.png"
+    # A bucket that does not exist, as input or as output: one line, nothing written.
+    for input_uri, output in (("s3://nowhere/set/", "s3://embeddings/job2"),
+                              ("s3://photos/set/", "s3://nowhere/job")):  # fmt: skip
+        missing = input_uri if "nowhere" in input_uri else output
+        status, lines = run_main(
+            capsys, "run", input_uri, "-o", output, *model_flags(base_settings)
+        )
+        assert status == 2
+        assert lines == [
+            f"clipvision batch: {missing}: the bucket 'nowhere' does not exist (or is not visible)"
+        ]
+    assert s3.fs.get_file_info("embeddings/job2").type == pafs.FileType.NotFound
+
+
+async def test_texts_from_jsonl_equal_the_servers_embed_texts(
+    ray_address: str, server: LiveServer, base_settings: Settings, tmp_path: Path
+) -> None:
+    texts = ["a photo of a cat", "", "a diagram of a rocket " * 40, "Ünïcödé"]
+    source = tmp_path / "texts.jsonl"
+    source.write_text(
+        "".join(json.dumps({"id": f"t{n}", "text": text}) + "\n" for n, text in enumerate(texts))
+    )
+    out = tmp_path / "out"
+    done = await batch(
+        "run", str(source), "--texts", "--output", str(out), *model_flags(base_settings),
+        "--ray-address", ray_address,
+    )  # fmt: skip
+    assert done.status == 0, done.stderr
+    rows = read_rows(str(out / "shards"))
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        response = await stub.EmbedTexts(pb.EmbedTextsRequest(texts=texts, model="tiny"))
+    for number, result in enumerate(response.results):
+        row = rows[f"t{number}"]
+        if result.HasField("error"):
+            assert (row["status"], row["reason"]) == ("error", result.error.reason)
+        else:
+            assert row["truncated"] == result.embedding.truncated
+            np.testing.assert_allclose(
+                np.asarray(row["embedding"]), result.embedding.values, rtol=0, atol=TOLERANCE
+            )
+    assert rows["t1"]["reason"] == "TEXT_EMPTY"
+    assert rows["t2"]["truncated"] is True
+
+
+def test_bad_input_says_so_in_one_line_and_writes_nothing(
+    corpus: Corpus, base_settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = model_flags(base_settings)
+    out = tmp_path / "out"
+    missing = tmp_path / "nowhere"
+    assert run_main(capsys, "run", str(missing), "-o", str(out), *model) == (
+        2,
+        [f"clipvision batch: {missing}: no such folder, file or prefix"],
+    )
+    not_parquet = tmp_path / "list.parquet"
+    not_parquet.write_text("uri\n/a.jpg\n")
+    status, lines = run_main(capsys, "run", str(not_parquet), "-o", str(out), *model)
+    assert status == 2
+    assert len(lines) == 1
+    assert lines[0].startswith(f"clipvision batch: {not_parquet}: not a readable Parquet file")
+    status, lines = run_main(
+        capsys, "run", str(corpus.root), "-o", str(out), "--endpoint", "127.0.0.1:1"
+    )
+    assert status == 1
+    assert len(lines) == 1
+    assert lines[0].startswith("clipvision batch: cannot reach the endpoint 127.0.0.1:1: ")
+    assert not out.exists()
+    # An output that holds another model's job, or files of something else: untouched.
+    other = tmp_path / "other"
+    other.mkdir()
+    record = JobRecord(str(corpus.root), "image", "other-model", 16, True, 1, 12, 1000, "now")
+    (other / "job.json").write_bytes(record.to_json())
+    assert run_main(capsys, "run", str(corpus.root), "-o", str(other), *model) == (
+        2,
+        [
+            f"clipvision batch: {other} holds the shards of model other-model (16-d), and this "
+            "run embeds with tiny (16-d); give another --output"
+        ],
+    )
+    assert [path.name for path in other.iterdir()] == ["job.json"]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine\n")
+    status, lines = run_main(capsys, "run", str(corpus.root), "-o", str(tmp_path / "notes"), *model)
+    assert status == 2
+    assert lines == [
+        f"clipvision batch: {tmp_path / 'notes'} holds other files (todo.txt) and no job.json; "
+        "give a new or empty folder to --output"
+    ]
+    assert [path.name for path in (tmp_path / "notes").iterdir()] == ["todo.txt"]

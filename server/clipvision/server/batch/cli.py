@@ -233,9 +233,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def _start_ray(address: str | None) -> None:
     """Connect to the cluster at ``address``, or start one on this machine only."""
-    if address is None:
+    host = (address or "").rpartition(":")[0]
+    if address is None or host in ("localhost", "::1", "[::1]") or host.startswith("127."):
         # A one-machine cluster: Ray's processes then listen on 127.0.0.1, not every
-        # interface (Ray reads this when imported, so before the import below).
+        # interface, and a loopback address is dialled as such rather than swapped for
+        # this host's outward one (Ray reads this when imported, so before the import).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import pyarrow.fs as pafs
 from tqdm import tqdm
 
 from clipvision.client import ClipVisionError, EmbeddingClient
@@ -211,9 +212,11 @@ def _canonical_input(uri: str) -> str:
 
 
 def _remove_listing(directory: JobDirectory) -> None:
+    """Take back what an unfinished listing wrote: its manifest, and the root if left empty."""
     try:
         directory.clear_manifest()
-        if not directory.entries():
+        root = directory.fs.get_file_info(directory.root)
+        if root.type == pafs.FileType.Directory and not directory.entries():
             directory.fs.delete_dir(directory.root)
     except OSError:
         logger.warning("could not remove the unfinished listing in %s", directory.uri)
