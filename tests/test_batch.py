@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -363,12 +364,14 @@ async def test_a_killed_driver_is_resumed_by_a_rerun_without_loss_or_duplicates(
     assert not [path for path in out.rglob("*") if ".tmp-" in path.name]
 
 
-def model_actor_pids() -> list[int]:
-    """Processes of this machine's Ray workers that host ImageEmbedder actors."""
+def model_actor_pids(since: float) -> list[int]:
+    """Processes of this machine's Ray workers that host ImageEmbedder actors, started
+    after ``since`` (a job's actors outlive it briefly while Ray cleans up)."""
     pids = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
+    for process in psutil.process_iter(["pid", "cmdline", "create_time"]):
         cmdline = " ".join(process.info["cmdline"] or [])
-        if "ImageEmbedder" in cmdline and cmdline.startswith("ray::"):
+        ours = "ImageEmbedder" in cmdline and cmdline.startswith("ray::")
+        if ours and process.info["create_time"] >= since:
             pids.append(process.info["pid"])
     return pids
 
@@ -381,9 +384,10 @@ async def test_a_killed_model_actor_is_replaced_and_nothing_is_lost(
         "run", str(many.root), "--output", str(out), *model_flags(base_settings),
         "--shard-size", "8", "--batch-size", "8", "--ray-address", ray_address,
     ]  # fmt: skip
+    started = time.time()
     process = await start_batch(*args)
     await wait_for_shards(process, out, 1)
-    (pid,) = model_actor_pids()
+    (pid,) = model_actor_pids(since=started)
     os.kill(pid, signal.SIGKILL)
     async with asyncio.timeout(RUN_TIMEOUT):
         _, stderr = await process.communicate()

@@ -270,6 +270,22 @@ def run_shards(
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    context.enable_auto_log_stats = False
+    resources = ray.cluster_resources()
+    cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
+    hosted = options.endpoint is None
+    use_gpus = hosted and gpus > 0 and options.model.device in ("auto", "cuda")
+    actors = options.actors or (gpus if use_gpus else 1)
+    actor_cpus = options.cpus_per_actor if hosted else 0.25
+    readers = options.readers or max(1, cpus - (0 if use_gpus else int(actors * actor_cpus)))
+    if not use_gpus and actors * actor_cpus + 1 > cpus:
+        raise JobError(
+            f"{actors} model actors of {actor_cpus:g} CPUs leave no CPU for reading on a "
+            f"cluster of {cpus}; lower --actors or --cpus-per-actor"
+        )
     run = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
     started = time.time()
     directory.write_run(
@@ -282,20 +298,9 @@ def run_shards(
         },
     )
 
-    context = DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    context.enable_auto_log_stats = False
-    resources = ray.cluster_resources()
-    cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
-    hosted = options.endpoint is None
-    use_gpus = hosted and gpus > 0 and options.model.device in ("auto", "cuda")
-    actors = options.actors or (gpus if use_gpus else 1)
-    actor_cpus = options.cpus_per_actor if hosted else 0.25
-    readers = options.readers or max(1, cpus - (0 if use_gpus else int(actors * actor_cpus)))
     text = record.kind == "text"
     reader_options = ReaderOptions(
-        job=directory.uri,
+        job=directory.location,
         kind=record.kind,
         roots=(*record.roots, *options.allow_roots),
         limits=options.limits,

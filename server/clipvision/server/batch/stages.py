@@ -96,7 +96,9 @@ class ShardReader:
             ids, sources = read_manifest_shard(directory, int(shard))
             step = self._options.chunk_rows
             for start in range(0, len(ids), step):
-                yield self._chunk(int(shard), start, ids[start : start + step], sources[start:])
+                yield self._chunk(
+                    int(shard), start, ids[start : start + step], sources[start : start + step]
+                )
 
     def _chunk(self, shard: int, start: int, ids: list[str], sources: list[str]) -> Batch:
         count = len(ids)
@@ -106,32 +108,32 @@ class ShardReader:
             "shard": np.full(count, shard, dtype=np.int64),
             "index": np.arange(start, start + count, dtype=np.int64),
             "id": np.array(ids, dtype=object),
-            "source": np.array(sources[:count], dtype=object),
+            "source": np.array(sources, dtype=object),
             "reason": reasons,
             "message": messages,
         }
         if self._options.kind == "text":
             return out
-        if self._preparer is None:
-            contents = np.full(count, b"", dtype=object)
-            for row in range(count):
-                try:
-                    contents[row] = self._reader.read(sources[row])
-                except ServerError as error:
-                    reasons[row], messages[row] = error.reason.value, error.message
-            out["content"] = contents
-            return out
-        pixels = np.zeros((count, *self._preparer.shape), dtype=np.uint8)
+        preparer = self._preparer
+        if preparer is None:
+            out["content"] = np.full(count, b"", dtype=object)
+        else:
+            out["pixels"] = np.zeros((count, *preparer.shape), dtype=np.uint8)
         for row in range(count):
             try:
-                pixels[row] = self._preparer.pixels(self._reader.read(sources[row]))
+                data = self._reader.read(sources[row])
+                if preparer is None:
+                    out["content"][row] = data
+                else:
+                    out["pixels"][row] = preparer.pixels(data)
             except ServerError as error:
                 reasons[row], messages[row] = error.reason.value, error.message
-            except Exception:  # a bug must not pass as an image's fault, nor stop the job silently
+            except Exception:
+                # As on the server: an unexpected fault is this item's INTERNAL error, with
+                # the traceback in the worker's log, and the job goes on.
                 logger.exception("preparing %s failed", sources[row])
                 reasons[row] = Reason.INTERNAL.value
                 messages[row] = "Preparing this image failed unexpectedly; the worker log says why."
-        out["pixels"] = pixels
         return out
 
 

@@ -123,6 +123,11 @@ class JobDirectory:
         self.uri = uri.rstrip("/") if "://" in uri else uri
         self.fs, self.root = open_location(uri)
 
+    @property
+    def location(self) -> str:
+        """The root as any process can open it: an absolute path, or the URI."""
+        return self.root if isinstance(self.fs, pafs.LocalFileSystem) else self.uri
+
     def path(self, *parts: str) -> str:
         """A path below the job's root."""
         return "/".join((self.root, *parts))
