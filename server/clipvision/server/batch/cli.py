@@ -240,14 +240,15 @@ def _start_ray(address: str | None) -> None:
         # this host's outward one (Ray reads this when imported, so before the import).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
+    import ray.data  # configures its own loggers when imported: quieted after that
 
-    if ray.is_initialized():
-        return
     # Ray's own notices (token authentication, progress bars, its executor's INFO lines)
     # are not the job's business unless asked for with --verbose; its errors still show.
     quiet = logging.root.level > logging.INFO
     for name in ("ray", "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR if quiet else logging.INFO)
+    if ray.is_initialized():
+        return
     extra = {"include_dashboard": False} if address is None else {}
     try:
         ray.init(
