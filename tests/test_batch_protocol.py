@@ -6,6 +6,8 @@ the ways a lossy job would be; verify must name each difference and exit 1.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +152,17 @@ def test_a_manifest_that_repeats_an_id_is_refused(tmp_path: Path) -> None:
     directory = JobDirectory(str(tmp_path / "out"))
     with pytest.raises(StorageError, match=r"lists id 's3://b/1.jpg' more than once"):
         write_manifest(directory, list_input(str(manifest), InputOptions()).rows, 2)
+
+
+def test_the_reader_stage_and_verify_import_no_torch() -> None:
+    # Reader actors (one per spare CPU) and status/verify never run the model: without
+    # torch they start in a fraction of the time and hold none of its memory.
+    code = (
+        "import sys\n"
+        "import clipvision.server.batch.stages, clipvision.server.batch.cli\n"
+        "print(sorted(name for name in ('torch', 'transformers') if name in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]"

@@ -12,21 +12,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from clipvision.server.config.limits import ImageLimits
 from clipvision.server.config.settings import ModelSpec, Settings
 from clipvision.server.errors import CheckpointError
-from clipvision.server.runtime.backends import prepare_image_runner, prepare_text_runner
-from clipvision.server.runtime.checkpoint import (
-    CheckpointConfig,
-    load_checkpoint,
-    read_checkpoint_config,
-    resolve_device,
-    resolve_dtype,
-)
-from clipvision.server.runtime.image_encoder import ClipImageEncoder, FloatArray, l2_normalize
 from clipvision.server.runtime.preprocess import (
     ClipPreprocessor,
     PreprocessConfig,
@@ -34,10 +26,15 @@ from clipvision.server.runtime.preprocess import (
     load_image,
     probe_image,
 )
-from clipvision.server.runtime.text_encoder import ClipTextEncoder
+
+if TYPE_CHECKING:
+    # Imported where they are used: the reader actors prepare images without torch, so
+    # they start in a fraction of the time and hold none of its memory.
+    from clipvision.server.runtime.checkpoint import CheckpointConfig
+    from clipvision.server.runtime.image_encoder import ClipImageEncoder, FloatArray
+    from clipvision.server.runtime.text_encoder import ClipTextEncoder
 
 __all__ = [
-    "CheckpointConfig",
     "CheckpointError",
     "ImagePreparer",
     "ModelOptions",
@@ -75,6 +72,8 @@ class ModelOptions:
 
 def read_model_config(options: ModelOptions) -> CheckpointConfig:
     """The model's preprocessing and embedding size, from its configs (no weights loaded)."""
+    from clipvision.server.runtime.checkpoint import read_checkpoint_config
+
     return read_checkpoint_config(
         options.spec, dummy_weights=options.dummy_weights, cache_dir=options.cache_dir
     )
@@ -99,6 +98,10 @@ class ImagePreparer:
 
 def load_image_model(options: ModelOptions, limits: ImageLimits) -> ClipImageEncoder:
     """Load the checkpoint and its image backend as the server does at start (in an actor)."""
+    from clipvision.server.runtime.backends import prepare_image_runner
+    from clipvision.server.runtime.checkpoint import load_checkpoint, resolve_device, resolve_dtype
+    from clipvision.server.runtime.image_encoder import ClipImageEncoder
+
     spec = options.spec
     device = resolve_device(options.device)
     checkpoint = load_checkpoint(
@@ -132,6 +135,10 @@ class TextModel:
 
 def load_text_model(options: ModelOptions) -> TextModel:
     """Load the checkpoint's text tower as the server does; CheckpointError if it has none."""
+    from clipvision.server.runtime.backends import prepare_text_runner
+    from clipvision.server.runtime.checkpoint import load_checkpoint, resolve_device, resolve_dtype
+    from clipvision.server.runtime.text_encoder import ClipTextEncoder
+
     spec = options.spec
     device = resolve_device(options.device)
     checkpoint = load_checkpoint(
@@ -152,6 +159,8 @@ def load_text_model(options: ModelOptions) -> TextModel:
 
 def normalized_rows(features: FloatArray, normalize: bool) -> FloatArray:
     """Each row L2-normalised exactly as the server normalises one vector (or left raw)."""
+    from clipvision.server.runtime.image_encoder import l2_normalize
+
     if not normalize:
         return features.astype(np.float32, copy=False)
     return np.stack([l2_normalize(row) for row in features]) if len(features) else features

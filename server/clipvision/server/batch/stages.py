@@ -13,7 +13,8 @@ Every batch carries ``shard`` and ``index`` (the row's place in its shard), so t
 can put each row in its slot whatever order the engine delivers rows in. The reader is an
 actor pool rather than tasks so that it keeps its object-store clients and preprocessing
 tables between shards, and so Ray never fuses it into the model actors: decoding and the
-model scale apart.
+model scale apart. It imports no torch (encoders.py loads the model's modules only in the
+model actors), so a reader starts quickly and holds none of torch's memory.
 """
 
 from __future__ import annotations
