@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shlex
 import tomllib
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import yaml
 
 from clipvision.server.config.flags import build_parser, parse_settings
@@ -127,3 +129,80 @@ async def test_healthcheck_passes_only_while_the_server_is_serving(
         await asyncio.to_thread(healthcheck, ["--address", f"127.0.0.1:{port}", "--timeout", "1"])
         == 1
     )
+
+
+# -- the KubeRay RayJob of the batch job ---------------------------------------------------
+
+RAYJOB = ROOT / "deploy" / "kuberay" / "rayjob.yaml"
+# A RayJob is a custom resource, which kubernetes-validate has no schema for. Its own
+# fields are checked against the names of KubeRay's ray.io/v1 API (RayJobSpec, RayClusterSpec,
+# HeadGroupSpec, WorkerGroupSpec) listed here, and every pod template in it strictly against
+# Kubernetes' Pod schema, as the KServe example's predictor is.
+RAYJOB_SPEC = {
+    "activeDeadlineSeconds", "backoffLimit", "clusterSelector", "entrypoint",
+    "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "jobId", "metadata",
+    "rayClusterSpec", "runtimeEnvYAML", "shutdownAfterJobFinishes", "submissionMode",
+    "submitterConfig", "submitterPodTemplate", "suspend", "ttlSecondsAfterFinished",
+    "managedBy", "deletionStrategy",
+}  # fmt: skip
+RAY_CLUSTER_SPEC = {
+    "autoscalerOptions", "enableInTreeAutoscaling", "headGroupSpec", "headServiceAnnotations",
+    "rayVersion", "suspend", "workerGroupSpecs", "gcsFaultToleranceOptions", "managedBy",
+}  # fmt: skip
+HEAD_GROUP_SPEC = {"enableIngress", "headService", "rayStartParams", "serviceType", "template"}
+WORKER_GROUP_SPEC = {
+    "groupName", "idleTimeoutSeconds", "maxReplicas", "minReplicas", "numOfHosts",
+    "rayStartParams", "replicas", "scaleStrategy", "suspend", "template",
+}  # fmt: skip
+SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
+
+
+def test_the_rayjob_has_only_kuberay_fields_and_valid_pods() -> None:
+    job = yaml.safe_load(RAYJOB.read_text())
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    spec = job["spec"]
+    assert set(spec) <= RAYJOB_SPEC
+    assert spec["submissionMode"] in SUBMISSION_MODES
+    cluster = spec["rayClusterSpec"]
+    assert set(cluster) <= RAY_CLUSTER_SPEC
+    assert set(cluster["headGroupSpec"]) <= HEAD_GROUP_SPEC
+    groups = cluster["workerGroupSpecs"]
+    for group in groups:
+        assert set(group) <= WORKER_GROUP_SPEC
+        assert {"groupName", "template"} <= set(group)
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    assert all(
+        isinstance(value, str)
+        for part in (cluster["headGroupSpec"], *groups)
+        for value in part["rayStartParams"].values()
+    ), "rayStartParams values are strings in KubeRay's API"
+    templates = [cluster["headGroupSpec"]["template"], *(group["template"] for group in groups)]
+    images = set()
+    for number, template in enumerate(templates):
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"pod-{number}"}}
+        kubernetes_validate.validate({**pod, **template}, "1.33.0", strict=True)
+        images |= {container["image"] for container in template["spec"]["containers"]}
+    assert len(images) == 1, "every Ray node runs the same image (and so the same Ray)"
+    gpus = [
+        group
+        for group in groups
+        if "nvidia.com/gpu" in group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    ]
+    assert gpus, "a worker group with GPUs hosts the model actors"
+
+
+def test_the_rayjobs_entrypoint_is_a_valid_batch_command() -> None:
+    from clipvision.server.batch.cli import build_parser as batch_parser
+
+    spec = yaml.safe_load(RAYJOB.read_text())["spec"]
+    words = shlex.split(spec["entrypoint"])
+    assert words[:3] == ["clipvision", "batch", "run"]
+    args = batch_parser().parse_args(words[2:])
+    assert args.input.startswith("s3://")
+    assert args.output.startswith("s3://")
+    assert args.ray_address is None  # KubeRay sets RAY_ADDRESS for the submitter
+    assert args.device == "auto"  # GPUs are used where the cluster has them
+    ray_version = spec["rayClusterSpec"]["rayVersion"]
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (ray,) = [d for d in extra["optional-dependencies"]["ray"] if d.startswith("ray[")]
+    assert ray_version.startswith("2."), f"{ray_version} outside the ray extra's {ray}"

@@ -1,8 +1,10 @@
 """The server's folders are its architecture: imports run downward only.
 
-wire -> api -> pipelines -> runtime -> resources, each room importing only its own
-modules and the rooms below it; every room may use errors, config and ops, which
-import no room (config only errors, ops only errors and config). app.py and cli.py,
+wire -> api | batch -> pipelines -> runtime -> resources, each room importing only its
+own modules and the rooms below it; rooms of one tier (api and batch, the two surfaces
+over the pipelines and runtime) import none of each other, and batch, reached from the
+command line, is imported by no room at all; every room may use errors, config and ops,
+which import no room (config only errors, ops only errors and config). app.py and cli.py,
 at the top, compose everything. A new module goes into a room, not beside app.py.
 """
 
@@ -16,8 +18,12 @@ import pytest
 SERVER = Path(__file__).resolve().parent.parent / "server" / "clipvision" / "server"
 PACKAGE = "clipvision.server"
 
-# Top to bottom: a room may import its own modules and the rooms after it.
-LAYERS = ("wire", "api", "pipelines", "runtime", "resources")
+# Top to bottom, tier by tier: a room may import its own modules and the rooms of the tiers
+# after its own; the rooms of one tier are siblings and import none of each other.
+TIERS = (("wire",), ("api", "batch"), ("pipelines",), ("runtime",), ("resources",))
+LAYERS = tuple(room for tier in TIERS for room in tier)
+# Surfaces of their own, reached from the entry points only: no room imports them.
+ENTRY_ONLY = frozenset({"batch"})
 # What each shared part may import besides itself.
 SHARED = {"errors": frozenset(), "config": frozenset({"errors"}), "ops": {"errors", "config"}}
 # The composition root and the two console scripts (the healthcheck imports only grpc).
@@ -56,9 +62,16 @@ def allowed(importer: str, target: str) -> bool:
         return target in SHARED[importer]
     if target in SHARED:
         return True
+    if target in ENTRY_ONLY:
+        return False
     if importer in LAYERS and target in LAYERS:
-        return LAYERS.index(target) > LAYERS.index(importer)
+        return tier_of(target) > tier_of(importer)
     return False
+
+
+def tier_of(room: str) -> int:
+    """The index of the tier ``room`` belongs to, from the top."""
+    return next(index for index, tier in enumerate(TIERS) if room in tier)
 
 
 def violations(sources: dict[str, str]) -> list[str]:
@@ -124,6 +137,34 @@ def test_every_module_lives_in_a_room() -> None:
             "from ..runtime.preprocess import ImageLimits\n",
             ["clipvision.server.config.settings:1 imports clipvision.server.runtime.preprocess"],
         ),
+        # The two surfaces are siblings: neither imports the other, and no room (the
+        # listener included) imports the batch job.
+        (
+            "clipvision.server.batch.stages",
+            "from clipvision.server.api.item_errors import item_error\n",
+            ["clipvision.server.batch.stages:1 imports clipvision.server.api.item_errors"],
+        ),
+        (
+            "clipvision.server.api.embedding_service",
+            "from clipvision.server.batch import job\n",
+            ["clipvision.server.api.embedding_service:1 imports clipvision.server.batch"],
+        ),
+        (
+            "clipvision.server.wire.listener",
+            "import clipvision.server.batch.cli\n",
+            ["clipvision.server.wire.listener:1 imports clipvision.server.batch.cli"],
+        ),
+        # The batch job over the rooms below it, and the entry point over the batch job.
+        (
+            "clipvision.server.batch.encoders",
+            "from clipvision.server.runtime.models import ModelRegistry\n"
+            "from clipvision.server.pipelines.sources import ImageSources\n"
+            "from clipvision.server.resources.admission import ItemCost\n"
+            "from clipvision.server.batch.storage import JobDirectory\n"
+            "from clipvision.server.config.limits import ImageLimits\n",
+            [],
+        ),
+        ("clipvision.server.cli", "from clipvision.server.batch.cli import main\n", []),
         # Downward, sideways within a room, and to the shared parts: all fine.
         (
             "clipvision.server.api.inference_service",

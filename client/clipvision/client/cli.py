@@ -124,11 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Describe the served models, their preprocessing and the server's limits.",
     )
     info.add_argument("--json", action="store_true", help="print the GetModelInfo response as JSON")
+
+    # Only listed here; main() hands `batch ...` to the batch job's own parser.
+    commands.add_parser(
+        "batch",
+        help="embed a whole archive on Ray Data into Parquet shards (run, status, verify; "
+        "needs the server and ray extras)",
+        add_help=False,
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["batch"]:
+        return _batch(arguments[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "embed" and (args.text is None) == (not args.paths):
@@ -145,6 +156,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             _say("interrupted; rerun the same command to resume")
             return EXIT_INTERRUPTED
+
+
+def _batch(argv: list[str]) -> int:
+    """``clipvision batch``: the bulk job, which needs torch and Ray, not only the client."""
+    try:
+        from clipvision.server.batch.cli import main as batch_main
+    except ModuleNotFoundError as error:
+        if error.name is not None and error.name.partition(".")[0] == "clipvision":
+            raise  # our own module missing is a bug, not a missing extra
+        _say(
+            f"batch needs the server and ray extras (no module {error.name!r}): "
+            "pip install 'clipvision[server,ray]'"
+        )
+        return EXIT_USAGE
+    return batch_main(argv)
 
 
 def _client(args: argparse.Namespace) -> EmbeddingClient:

@@ -87,6 +87,46 @@ class Checkpoint:
     text_missing: str = ""
 
 
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """What a checkpoint is, read from its configuration files without loading a weight."""
+
+    preprocess: PreprocessConfig
+    embedding_dim: int
+    image_size: int
+
+
+def read_checkpoint_config(
+    spec: ModelSpec, *, dummy_weights: bool = False, cache_dir: str | None = None
+) -> CheckpointConfig:
+    """The preprocessing and shape of one ``--model`` entry, as load_checkpoint would find them.
+
+    Only config.json and preprocessor_config.json are read (a hub id is fetched into the
+    cache as load_checkpoint fetches it), for processes that prepare images for a model
+    they do not run. CheckpointError says why a checkpoint cannot be used.
+    """
+    if dummy_weights:
+        preset = PRESETS.get(spec.source)
+        if preset is None:
+            raise CheckpointError(f"--dummy-weights needs a preset, and {spec.source!r} is not one")
+        return CheckpointConfig(
+            PreprocessConfig.openai_clip(preset.image_size), preset.embedding_dim, preset.image_size
+        )
+    directory = _local_directory(spec.hub_or_path, cache_dir)
+    vision_config = _vision_config(directory)
+    if spec.preset is not None:
+        mismatches = spec.preset.mismatches(vision_config)
+        if mismatches:
+            raise CheckpointError(
+                f"{spec.source} is not a {spec.preset.name} checkpoint: " + "; ".join(mismatches)
+            )
+    return CheckpointConfig(
+        _preprocess_config(directory),
+        int(vision_config.projection_dim),
+        int(vision_config.image_size),
+    )
+
+
 def resolve_device(requested: str) -> torch.device:
     """Pick CUDA, then MPS, then CPU for ``auto``; an explicit device must exist."""
     if requested != "auto":
