@@ -87,7 +87,10 @@ class DecodeSpy:
 
 
 def budget_settings(base: Settings, **changes: object) -> Settings:
-    # Four decoding threads: without the budget, four big decodes would run at once.
+    # Four decoding threads: without the budget, four big decodes would run at once. Requests
+    # of at most 1 MiB: each read reserves that much, and the read room is then an eighth of
+    # the budget (7.5 MiB), leaving 52.5 MiB to admit images.
+    changes = {"max_message_bytes": MIB, **changes}
     return settings_with(base, memory_budget=BUDGET, preprocess_workers=4, **changes)
 
 
@@ -125,19 +128,32 @@ def metric(server: LiveServer, line_start: str) -> float:
     raise AssertionError(f"no metric line starts with {line_start!r}")
 
 
-async def test_an_image_over_the_whole_budget_is_refused_with_its_reason(
+async def test_images_over_the_budget_are_refused_with_their_reason_before_decoding(
     base_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spy = DecodeSpy()
     spy.install(monkeypatch)
     async with live_server(budget_settings(base_settings)) as server, own_channel(server) as ch:
         stub = pb_grpc.EmbeddingServiceStub(ch)
-        huge = pb.Image(content=palette_png(4000))  # 16 Mpx: about 94 MiB to decode
+        # The budget admits 52.5 MiB for one image: no image of 16 Mpx fits, whatever its kind,
+        # so the pixel limit is lowered at start and such images are refused from the header.
+        info = await stub.GetModelInfo(pb.GetModelInfoRequest())
+        limit = info.limits.max_image_pixels
+        assert 4_000_000 < limit < 16_000_000
+        too_many = pb.Image(content=palette_png(4000))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.EmbedImage(pb.EmbedImageRequest(image=too_many))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert details(caught.value) == ("IMAGE_TOO_MANY_PIXELS", None)
+        assert f"limit of {limit} pixels" in (caught.value.details() or "")
+        # Within the pixel limit, but a transparent palette image of 12 Mpx costs more to
+        # decode than the budget admits: refused once its header is priced.
+        huge = pb.Image(content=palette_png(3500))  # about 72 MiB to decode
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.EmbedImage(pb.EmbedImageRequest(image=huge))
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert details(caught.value) == ("IMAGE_OVER_MEMORY_BUDGET", None)
-        assert "4000x4000" in (caught.value.details() or "")
+        assert "3500x3500" in (caught.value.details() or "")
         assert "60.0 MiB" in (caught.value.details() or "")
         photo = pb.Image(content=photo_bytes("rocket.jpg"))
         batch = await stub.EmbedImages(pb.EmbedImagesRequest(images=[photo, huge, photo]))
@@ -164,7 +180,7 @@ async def test_an_image_over_the_whole_budget_is_refused_with_its_reason(
         assert metric(server, refused) == 3
 
 
-async def test_unary_calls_over_the_budget_get_resource_exhausted_with_retry_info(
+async def test_unary_calls_over_the_budget_wait_within_their_deadline_then_get_retry_info(
     base_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spy = DecodeSpy(delay_s=2.5)
@@ -174,9 +190,10 @@ async def test_unary_calls_over_the_budget_get_resource_exhausted_with_retry_inf
         # Two slow big decodes hold most of the budget for 2.5 s.
         holding = [asyncio.ensure_future(stub.EmbedImage(big_request())) for _ in range(2)]
         await asyncio.sleep(0.5)
+        # A deadline shorter than the wait: refused in time to reach the caller before it.
         started = time.monotonic()
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.EmbedImage(big_request(), timeout=30)
+            await stub.EmbedImage(big_request(), timeout=1.2)
         waited = time.monotonic() - started
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         reason, retry_after = details(caught.value)
@@ -185,13 +202,18 @@ async def test_unary_calls_over_the_budget_get_resource_exhausted_with_retry_inf
         assert retry_after > 0
         message = caught.value.details() or ""
         assert "needs about 24.7 MiB" in message, message  # its decode, bytes and crop
-        # Of the 60 MiB budget, 7/8 admit images; 1/8 is the read room of streams.
         assert "of 52.5 MiB are free" in message, message
-        assert 0.8 < waited < 2.0, "a unary call waits briefly for room, then gives up"
+        assert 0.8 < waited < 1.2, "it waits for room as long as its deadline allows"
+        # A deadline long enough: it waits for the room the big decodes give back, first in
+        # line, and is answered instead of refused.
+        started = time.monotonic()
+        reply = await stub.EmbedImage(big_request(), timeout=30)
+        assert len(reply.embedding.values) == 16
+        assert 0.5 < time.monotonic() - started < 20
         assert spy.peak == 2
         for call in holding:
             assert len((await call).embedding.values) == 16
-        # Once the budget is free again the same call is served.
+        # Once the budget is free again the same call is served at once.
         spy.delay_s = 0.0
         assert len((await stub.EmbedImage(big_request())).embedding.values) == 16
         assert metric(server, 'clipvision_admission_refusals_total{reason="MEMORY_BUDGET_FULL"}')
@@ -294,3 +316,142 @@ async def test_model_info_reports_the_budget(base_settings: Settings) -> None:
     async with live_server(budget_settings(base_settings)) as server, own_channel(server) as ch:
         info = await pb_grpc.EmbeddingServiceStub(ch).GetModelInfo(pb.GetModelInfoRequest())
         assert info.limits.memory_budget_bytes == BUDGET
+
+
+# -- the read room: bytes received are in the budget before they arrive ----------------------
+
+
+def read_room_settings(base: Settings) -> Settings:
+    # Messages of at most 4 MiB: each read reserves 4 MiB, and the read room (an eighth of
+    # 64 MiB) holds two.
+    return settings_with(
+        base, memory_budget=64 * MIB, max_message_bytes=4 * MIB, preprocess_workers=2
+    )
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the server"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_message_is_read_only_against_room_reserved_before_it_arrives(
+    base_settings: Settings,
+) -> None:
+    async with live_server(read_room_settings(base_settings)) as server, own_channel(server) as ch:
+        reads = server.server.registry.budget.reads
+        assert (reads.limit, server.server.registry.budget.read_size) == (8 * MIB, 4 * MIB)
+        stub = pb_grpc.EmbeddingServiceStub(ch)
+        outbox: asyncio.Queue[pb.EmbedImageStreamRequest | None] = asyncio.Queue()
+
+        async def requests() -> AsyncIterator[pb.EmbedImageStreamRequest]:
+            while (request := await outbox.get()) is not None:
+                yield request
+
+        call = stub.EmbedImageStream(requests())
+        # Nothing sent yet: the stream's pending read already holds room for the largest
+        # message, since grpc would receive it before the server sees its size.
+        await wait_until(lambda: reads.used == 4 * MIB)
+        image = pb.Image(content=photo_bytes("rocket.jpg"))
+        await outbox.put(pb.EmbedImageStreamRequest(id="0", image=image))
+        answer = await call.read()
+        assert isinstance(answer, pb.EmbedImageStreamResponse)
+        assert answer.WhichOneof("result") == "embedding"
+        # Answered and admitted: its bytes went back, and the next read holds room again.
+        await wait_until(lambda: reads.used == 4 * MIB)
+        await outbox.put(None)
+        assert await call.read() == grpc.aio.EOF  # type: ignore[attr-defined]
+        await wait_until(lambda: server.server.registry.budget.used == 0)
+        # A unary call reads within the same room, and gives it back.
+        reply = await stub.EmbedImage(pb.EmbedImageRequest(image=image), timeout=30)
+        assert len(reply.embedding.values) == 16
+        assert server.server.registry.budget.used == 0
+
+
+async def test_idle_streams_holding_read_room_are_ended_when_others_need_it(
+    base_settings: Settings,
+) -> None:
+    async with (
+        live_server(read_room_settings(base_settings)) as server,
+        own_channel(server) as idle_a,
+        own_channel(server) as idle_b,
+        own_channel(server) as busy,
+    ):
+        reads = server.server.registry.budget.reads
+        never: asyncio.Event = asyncio.Event()
+
+        async def nothing() -> AsyncIterator[pb.EmbedImageStreamRequest]:
+            await never.wait()
+            yield pb.EmbedImageStreamRequest()
+
+        first = pb_grpc.EmbeddingServiceStub(idle_a).EmbedImageStream(nothing())
+        await wait_until(lambda: reads.used == 4 * MIB)
+        second = pb_grpc.EmbeddingServiceStub(idle_b).EmbedImageStream(nothing())
+        await wait_until(lambda: reads.used == 8 * MIB)  # the read room is full
+        started = time.monotonic()
+        image = pb.Image(content=photo_bytes("rocket.jpg"))
+        reply = await pb_grpc.EmbeddingServiceStub(busy).EmbedImage(
+            pb.EmbedImageRequest(image=image), timeout=30
+        )
+        waited = time.monotonic() - started
+        assert len(reply.embedding.values) == 16
+        assert 0.9 < waited < 10, "it waited until the idlest reader had held room for 1 s"
+        # The stream that waited longest for a message was ended to make room.
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await first.read()
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert details(ended.value)[0] == "STREAM_IDLE"
+        second.cancel()
+        never.set()
+        await wait_until(lambda: server.server.registry.budget.used == 0)
+
+
+# -- an attack of cheap files that are dear to decode ------------------------------------------
+
+
+async def test_a_palette_attack_leaves_a_bystander_answered_within_a_few_decodes(
+    base_settings: Settings,
+) -> None:
+    # Each attacking image is a 15 KB palette PNG of 6 Mpx: about 36 MiB of the 52.5 MiB the
+    # budget admits, so one decodes at a time and the next waits; three streams keep it full.
+    attack = palette_png(2450)
+    async with (
+        live_server(budget_settings(base_settings, max_message_bytes=MIB)) as server,
+        own_channel(server) as attacker_channel,
+        own_channel(server) as bystander_channel,
+    ):
+        attacker = pb_grpc.EmbeddingServiceStub(attacker_channel)
+        bystander = pb_grpc.EmbeddingServiceStub(bystander_channel)
+        started = time.monotonic()
+        await attacker.EmbedImage(pb.EmbedImageRequest(image=pb.Image(content=attack)))
+        one_decode = time.monotonic() - started
+
+        async def flood(stream: int) -> None:
+            async def items() -> AsyncIterator[pb.EmbedImageStreamRequest]:
+                for index in range(30):  # more than the test waits for: it ends the streams
+                    yield pb.EmbedImageStreamRequest(
+                        id=f"{stream}-{index}", image=pb.Image(content=attack)
+                    )
+
+            async for _ in attacker.EmbedImageStream(items()):
+                pass
+
+        floods = [asyncio.ensure_future(flood(stream)) for stream in range(3)]
+        await asyncio.sleep(max(0.5, 2 * one_decode))  # the attacker now fills the budget
+        latencies = []
+        try:
+            for _ in range(5):
+                started = time.monotonic()
+                request = pb.EmbedImageRequest(image=pb.Image(content=photo_bytes("rocket.jpg")))
+                reply = await bystander.EmbedImage(request, timeout=30)  # never refused
+                latencies.append(time.monotonic() - started)
+                assert len(reply.embedding.values) == 16
+        finally:
+            for task in floods:
+                task.cancel()
+            await asyncio.gather(*floods, return_exceptions=True)
+        latencies.sort()
+        # First in line for what an attacking decode gives back, and fair between callers in
+        # the decoding pool: a few decodes at most (slack for a busy CI machine).
+        assert latencies[2] < 4 * one_decode + 1.0, (latencies, one_decode)

@@ -151,7 +151,9 @@ async def test_a_cancelled_waiter_gives_way() -> None:
 
 
 async def test_the_budget_prices_refuses_and_returns_its_parts() -> None:
-    budget = MemoryBudget(100)
+    budget = MemoryBudget(100, largest_read=4)
+    # The read room is an eighth (12 bytes: room for two reads of 4 is less); 88 admit items.
+    assert (budget.reads.limit, budget.pool.limit, budget.total) == (12, 88, 100)
     with pytest.raises(InvalidImageError) as caught:
         budget.check(ItemCost(resident=10, decode=91), 10, 10)
     assert caught.value.reason == Reason.IMAGE_OVER_MEMORY_BUDGET

@@ -10,11 +10,15 @@ import asyncio
 import logging
 import signal
 import sys
+import threading
+from collections import Counter
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
@@ -376,3 +380,58 @@ async def test_a_second_server_on_a_used_port_fails_unless_sharing_is_asked(
         await two.stop(grace=0)
     finally:
         await one.stop(grace=0)
+
+
+def _flood(address: str, calls: int, threads: int) -> Counter[str]:
+    """``calls`` EmbedImage calls from ``threads`` threads on one channel of grpcio's
+    blocking client, as the issue's flood: each thread starts its share at once."""
+    outcomes: Counter[str] = Counter()
+    lock = threading.Lock()
+    request = pb.EmbedImageRequest(image=pb.Image(content=photo_bytes("rocket.jpg")))
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+
+        def one_thread(_: int) -> None:
+            started = [stub.EmbedImage.future(request, timeout=60) for _ in range(calls // threads)]
+            for future in started:
+                try:
+                    future.result()
+                    outcome = "OK"
+                except grpc.RpcError as error:
+                    code = error.code() if isinstance(error, grpc.Call) else None
+                    retry = _retry_delay(error) if code == grpc.StatusCode.RESOURCE_EXHAUSTED else 0
+                    outcome = f"{code.name if code else '?'}{'' if retry else ' without RetryInfo'}"
+                with lock:
+                    outcomes[outcome] += 1
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(one_thread, range(threads)))
+    return outcomes
+
+
+def _retry_delay(error: grpc.RpcError) -> float:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    if status is None:
+        return 0.0
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            return float(retry.retry_delay.ToTimedelta().total_seconds())
+    return 0.0
+
+
+async def test_a_flood_of_calls_gets_only_ok_and_resource_exhausted(
+    base_settings: Settings,
+) -> None:
+    # 400 calls at once on one connection, past its 64 unary slots and its 100 HTTP/2
+    # streams: the gate answers each (OK, or RESOURCE_EXHAUSTED with RetryInfo); the transport
+    # refuses none (REFUSED_STREAM, which clients report as UNAVAILABLE: "the server is down").
+    async with running_server(base_settings) as (server, channel):
+        address = f"127.0.0.1:{_port(server)}"
+        for _ in range(2):
+            outcomes = await asyncio.to_thread(_flood, address, 400, 100)
+            assert set(outcomes) <= {"OK", "RESOURCE_EXHAUSTED"}, outcomes
+            assert outcomes["OK"] >= 64, outcomes
+            assert sum(outcomes.values()) == 400
+        await _bystander_ok(channel)

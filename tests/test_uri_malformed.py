@@ -124,7 +124,10 @@ async def open_stub(base_settings: Settings, root: Path) -> AsyncIterator[Stub]:
         allow_private_addresses=True,
         timeout_s=2.0,
     )
-    async with running_server(settings_with(base_settings, fetch_policy=policy)) as (_, channel):
+    # Messages up to 64 MiB, as an operator might allow: the data: URI's own limit must hold
+    # where the message limit (by default the largest image as a data: URI) does not.
+    settings = settings_with(base_settings, fetch_policy=policy, max_message_bytes=64 << 20)
+    async with running_server(settings) as (_, channel):
         yield pb_grpc.EmbeddingServiceStub(channel)
 
 

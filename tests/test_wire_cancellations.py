@@ -99,7 +99,15 @@ async def burst_with_bystanders(settings: Settings, attack: str) -> Counter[str]
             else:
                 await grpcio_cancels(live.address, ATTACK_CALLS[attack], CONNECTIONS[attack])
             # Right after the burst, as the bystanders did.
-            return Counter(await asyncio.gather(*(bystander(stub) for _ in range(BYSTANDERS))))
+            outcomes = Counter(await asyncio.gather(*(bystander(stub) for _ in range(BYSTANDERS))))
+            # Every reset call gave back the read room it took before its read.
+            budget = live.server.registry.budget
+            for _ in range(200):
+                if budget.used == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert budget.used == 0
+            return outcomes
         finally:
             for attacker in attackers:
                 await attacker.close()

@@ -69,8 +69,8 @@ def connection_options(settings: Settings) -> list[tuple[str, int]]:
 def server_options(settings: Settings) -> list[tuple[str, int]]:
     """Every gRPC core option the server sets: message sizes, connections, transport limits."""
     return [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.message_limit),
+        ("grpc.max_send_message_length", settings.message_limit),
         *connection_options(settings),
         # gRPC turns SO_REUSEPORT on by default, which lets a second server on the same port
         # silently take part of the traffic; sharing a port must be asked for.
@@ -78,6 +78,14 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_allowed_incoming_connections", settings.max_connections),
         # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: calls of any kind open on one connection.
         ("grpc.max_concurrent_streams", settings.max_http2_streams),
+        # With gRPC core's overload protection (its default) a stream counts against that
+        # limit until grpc.aio has let go of its call, well after the client saw it end: a
+        # client that opens a new stream as soon as one ends was refused at the transport,
+        # RST_STREAM REFUSED_STREAM, which its library reports as UNAVAILABLE (the server is
+        # down) where the gate would have answered RESOURCE_EXHAUSTED with RetryInfo. Counted
+        # as HTTP/2 counts them, streams the client may open are the ones the gate sees; what
+        # core holds meanwhile stays bounded by its backlog limits below.
+        ("grpc.http.overload_protection", 0),
         # gRPC core queues, per method, calls the application has not yet taken (grpc.aio
         # takes them one at a time from the event loop) and counts cancelled ones until
         # they are taken; past 1,000 (its default) it refuses other callers' calls at
@@ -116,7 +124,7 @@ def service_limits(settings: Settings) -> pb.Limits:
     """The limits GetModelInfo reports and the servicer enforces (the memory budget apart)."""
     return pb.Limits(
         max_batch_images=settings.max_batch_images,
-        max_receive_message_bytes=settings.max_message_bytes,
+        max_receive_message_bytes=settings.message_limit,
         max_image_bytes=settings.image_limits.max_image_bytes,
         max_image_pixels=settings.image_limits.max_image_pixels,
         stream_window=settings.stream_window,
@@ -158,7 +166,9 @@ class ClipVisionServer:
         self.metrics.watch_queues(self.registry.queue_depths)
         self.metrics.watch_budget(self.registry.budget.usage)
         # The gate goes first: it refuses, counts slots and reads requests for every service.
-        self.gate = CallGate(gate_limits(settings), self.metrics, settings.auth_token)
+        self.gate = CallGate(
+            gate_limits(settings), self.metrics, settings.auth_token, self.registry.budget
+        )
         self._interceptors = (self.gate, ErrorMappingInterceptor(self.metrics))
         self.sources = ImageSources(settings.image_limits, settings.fetch_policy)
         # At most one decode (or tokenization) per worker is handed to the pool; the rest

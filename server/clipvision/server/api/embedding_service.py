@@ -15,7 +15,13 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
-from clipvision.server.api.call_context import Context, caller_of, patience
+from clipvision.server.api.call_context import (
+    Context,
+    budget_deadline,
+    caller_of,
+    message_hold,
+    patience,
+)
 from clipvision.server.api.item_errors import ItemErrorObserver, item_error
 from clipvision.server.api.streams import StreamItem, answer_in_order, answered
 from clipvision.server.errors import (
@@ -23,6 +29,7 @@ from clipvision.server.errors import (
     InvalidRequestError,
     Reason,
 )
+from clipvision.server.ops.calls import take_read_hold
 from clipvision.server.pipelines.classify import ClassifyPipeline, check_labels
 from clipvision.server.pipelines.images import ImagePipeline
 from clipvision.server.pipelines.texts import TextPipeline, TextVector
@@ -67,9 +74,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         """Embed one image; any fault fails the call."""
         model = await self._model(request.model)
         normalize = _flag(request, "normalize")
-        caller, deadline = caller_of(context), patience(context)
-        async with model.batcher.admit(caller, 1, seconds_until(deadline)):
-            vector = await self._images.embed(model, caller, request.image, normalize, deadline)
+        caller = caller_of(context)
+        with message_hold() as held:
+            async with model.batcher.admit(caller, 1, seconds_until(patience(context))):
+                vector = await self._images.embed(
+                    model, caller, request.image, normalize, budget_deadline(context), held
+                )
         return pb.EmbedImageResponse(embedding=_embedding(model, vector, normalize))
 
     async def EmbedImages(
@@ -79,11 +89,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         _check_count(len(request.images), self._limits.max_batch_images, "images")
         model = await self._model(request.model)
         normalize = _flag(request, "normalize")
-        caller, deadline = caller_of(context), patience(context)
-        async with model.batcher.admit(caller, len(request.images), seconds_until(deadline)):
-            outcomes = await self._images.embed_many(
-                model, caller, request.images, normalize, deadline
-            )
+        caller, wait_s = caller_of(context), seconds_until(patience(context))
+        with message_hold() as held:
+            async with model.batcher.admit(caller, len(request.images), wait_s):
+                outcomes = await self._images.embed_many(
+                    model, caller, request.images, normalize, budget_deadline(context), held
+                )
         name = model.name
         return pb.EmbedImagesResponse(
             results=[
@@ -103,28 +114,22 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     ) -> AsyncIterator[pb.EmbedImageStreamResponse]:
         """One response per request, in request order; the window bounds what is in flight."""
         caller = caller_of(context)
-        budget = self._registry.budget
 
         async def start(
             request: pb.EmbedImageStreamRequest,
         ) -> StreamItem[pb.EmbedImageStreamResponse]:
+            # The message's read room (the gate took it before reading), given back once the
+            # image is admitted: a stream reads on without waiting for each image's header.
+            held = take_read_hold()
             try:
                 model = self._registry.ready(request.model) or await self._registry.get(
                     request.model
                 )
             except ClipVisionError as exc:
+                if held is not None:
+                    held.release()
                 return self._answered(pb.EmbedImageStreamResponse(id=request.id), exc)
-            image: pb.Image | bytes = request.image
-            held = None
-            if request.image.WhichOneof("source") == "content":
-                # The bytes are read (twice: the message's and ours) and held in the read
-                # room until the image is admitted; waiting here for room stops the reading,
-                # which is the stream's backpressure for memory. URIs are fetched in
-                # parallel and wait for the budget in their own stage.
-                image = request.image.content
-                held = budget.try_read(caller, 2 * len(image)) or await budget.read(
-                    caller, 2 * len(image)
-                )
+            image = request.image
             batcher = model.batcher
             try:
                 await batcher.reserve(caller)
@@ -152,11 +157,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         model = await self._model(request.model)
         tower = model.text_tower()
         normalize = _flag(request, "normalize")
-        caller, deadline = caller_of(context), patience(context)
-        async with tower.batcher.admit(caller, 1, seconds_until(deadline)):
-            text = await self._texts.embed(
-                model, caller, request.text, normalize, _flag(request, "truncate"), deadline
-            )
+        caller, truncate = caller_of(context), _flag(request, "truncate")
+        with message_hold() as held:
+            async with tower.batcher.admit(caller, 1, seconds_until(patience(context))):
+                text = await self._texts.embed(
+                    model, caller, request.text, normalize, truncate, budget_deadline(context), held
+                )
         return pb.EmbedTextResponse(embedding=_text_embedding(model, text, normalize))
 
     async def EmbedTexts(
@@ -167,11 +173,18 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         model = await self._model(request.model)
         tower = model.text_tower()
         normalize, truncate = _flag(request, "normalize"), _flag(request, "truncate")
-        caller, deadline = caller_of(context), patience(context)
-        async with tower.batcher.admit(caller, len(request.texts), seconds_until(deadline)):
-            outcomes = await self._texts.embed_many(
-                model, caller, request.texts, normalize, truncate, deadline
-            )
+        caller, wait_s = caller_of(context), seconds_until(patience(context))
+        with message_hold() as held:
+            async with tower.batcher.admit(caller, len(request.texts), wait_s):
+                outcomes = await self._texts.embed_many(
+                    model,
+                    caller,
+                    request.texts,
+                    normalize,
+                    truncate,
+                    budget_deadline(context),
+                    held,
+                )
         name = model.name
         return pb.EmbedTextsResponse(
             results=[
@@ -198,17 +211,25 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         async def start(
             request: pb.EmbedTextStreamRequest,
         ) -> StreamItem[pb.EmbedTextStreamResponse]:
+            held = take_read_hold()  # the message's read room, given back once admitted
             try:
                 model = self._registry.ready(request.model) or await self._registry.get(
                     request.model
                 )
                 batcher = model.text_tower().batcher
             except ClipVisionError as exc:
+                if held is not None:
+                    held.release()
                 return self._answered(pb.EmbedTextStreamResponse(id=request.id), exc)
-            await batcher.reserve(caller)
+            try:
+                await batcher.reserve(caller)
+            except BaseException:
+                if held is not None:
+                    held.release()
+                raise
             normalize = _flag(request, "normalize")
             future = self._texts.start(
-                model, caller, request.text, normalize, _flag(request, "truncate"), None
+                model, caller, request.text, normalize, _flag(request, "truncate"), None, held
             )
             future.add_done_callback(lambda _: batcher.release(caller))
             respond = functools.partial(self._text_answer, request.id, model.name, normalize)
@@ -230,8 +251,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         )
         model = await self._registry.get(request.model)
         tower = model.text_tower()
-        caller, deadline = caller_of(context), patience(context)
-        wait_s = seconds_until(deadline)
+        caller, deadline = caller_of(context), budget_deadline(context)
+        wait_s = seconds_until(patience(context))
         async with (
             model.batcher.admit(caller, 1, wait_s),
             tower.batcher.admit(caller, len(labels), wait_s),
@@ -276,6 +297,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         limits = pb.Limits()
         limits.CopyFrom(self._limits)
         limits.memory_budget_bytes = self._registry.budget.total
+        limits.max_image_pixels = self._registry.pixel_limit
         return pb.GetModelInfoResponse(models=models, limits=limits)
 
     # -- items ----------------------------------------------------------------

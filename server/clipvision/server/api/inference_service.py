@@ -25,7 +25,13 @@ from grpc_health.v1 import health_pb2
 
 from clipvision.inference_v2 import grpc_service_pb2 as oip
 from clipvision.inference_v2 import grpc_service_pb2_grpc as oip_grpc
-from clipvision.server.api.call_context import Context, caller_of, patience
+from clipvision.server.api.call_context import (
+    Context,
+    budget_deadline,
+    caller_of,
+    message_hold,
+    patience,
+)
 from clipvision.server.api.item_errors import ItemErrorObserver
 from clipvision.server.api.streams import StreamItem, answer_in_order, answered
 from clipvision.server.errors import (
@@ -36,6 +42,7 @@ from clipvision.server.errors import (
     OverloadedError,
     Reason,
 )
+from clipvision.server.ops.calls import take_read_hold
 from clipvision.server.ops.health import HealthReporter
 from clipvision.server.pipelines.gather import all_or_none
 from clipvision.server.pipelines.images import ImagePipeline
@@ -204,10 +211,13 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         self, request: oip.ModelInferRequest, context: Context
     ) -> oip.ModelInferResponse:
         """Embed a batch; any bad element fails the call, naming its index and reason."""
-        job = await self._job(request)
-        caller, deadline = caller_of(context), patience(context)
-        async with job.batcher.admit(caller, len(job.elements), seconds_until(deadline)):
-            return await self._run(job, caller, deadline)
+        # The message's read room stays held for the whole call: the request, and the copy
+        # of each element split from it, live until the answer.
+        with message_hold():
+            job = await self._job(request)
+            caller, wait_s = caller_of(context), seconds_until(patience(context))
+            async with job.batcher.admit(caller, len(job.elements), wait_s):
+                return await self._run(job, caller, budget_deadline(context))
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[oip.ModelInferRequest], context: Context
@@ -218,6 +228,7 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
         async def start(
             request: oip.ModelInferRequest,
         ) -> StreamItem[oip.ModelStreamInferResponse]:
+            held = take_read_hold()  # kept until this request is answered, as ModelInfer's
             try:
                 job = await self._job(request)
                 batcher, count = job.batcher, len(job.elements)
@@ -229,11 +240,18 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                         f"{limit}; split it into several requests.",
                     )
             except ClipVisionError as exc:
+                if held is not None:
+                    held.release()
                 return StreamItem(answered(self._stream_error(request, exc)), _same)
             # Waiting here stops the reading: the stream's backpressure, as EmbedImageStream.
             # The whole request at once, so that streams holding part of their requests
             # cannot block each other.
-            await batcher.reserve(caller, count)
+            try:
+                await batcher.reserve(caller, count)
+            except BaseException:
+                if held is not None:
+                    held.release()
+                raise
 
             async def run() -> oip.ModelStreamInferResponse:
                 try:
@@ -244,8 +262,14 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                     return self._stream_error(request, exc)
 
             task = asyncio.get_running_loop().create_task(run())
-            # A done-callback, not a finally: a task cancelled before it starts runs no code.
-            task.add_done_callback(lambda _: batcher.release(caller, count))
+
+            def finished(_: object) -> None:
+                # A done-callback, not a finally: a task cancelled before it starts runs no code.
+                batcher.release(caller, count)
+                if held is not None:
+                    held.release()
+
+            task.add_done_callback(finished)
             return StreamItem(task, _same)
 
         async for response in answer_in_order(

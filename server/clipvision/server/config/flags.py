@@ -242,7 +242,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     option(
         "--max-message-bytes",
         defaults.max_message_bytes,
-        "largest gRPC message received or sent",
+        "largest gRPC message received or sent (default: the largest image, --max-image-bytes, "
+        "as a data: URI with its framing, about 26.7 MiB); the memory budget reserves this "
+        "much before each request message is read, since its size is known only once read",
         type=_positive_int,
     )
     limits = defaults.image_limits

@@ -30,6 +30,17 @@ class ImageLimits:
     )
 
 
+# Framing beside one image in a request: the other fields, the data: URI's header.
+REQUEST_FRAMING_BYTES = 64 * 1024
+
+
+def largest_request_bytes(limits: ImageLimits) -> int:
+    """The default --max-message-bytes: the largest legal image sent as a data: URI (base64,
+    4 bytes for 3) with its framing. A message must be read before its size is known, so the
+    memory budget reserves this much for every read (resources.admission)."""
+    return 4 * -(-limits.max_image_bytes // 3) + REQUEST_FRAMING_BYTES
+
+
 @dataclass(frozen=True)
 class FetchPolicy:
     """What the operator allows the server to read by URI; nothing by default."""

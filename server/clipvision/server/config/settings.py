@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipvision.server.config.cpu import available_cpus
-from clipvision.server.config.limits import FetchPolicy, ImageLimits
+from clipvision.server.config.limits import FetchPolicy, ImageLimits, largest_request_bytes
 from clipvision.server.config.presets import PRESETS, Preset
 
 DEFAULT_MODEL = "ViT-B/32"
@@ -88,7 +88,8 @@ class Settings:
     # Bytes for images in flight; None: 30 % of what the limit leaves once models are loaded.
     memory_budget: int | None = None
     stream_window: int = 64
-    max_message_bytes: int = 64 * MIB
+    # Bytes; None: the largest legal image as a data: URI with its framing (about 26.7 MiB).
+    max_message_bytes: int | None = None
     image_limits: ImageLimits = field(default_factory=ImageLimits)
     fetch_policy: FetchPolicy = field(default_factory=FetchPolicy)
     tls: TlsFiles | None = None
@@ -114,6 +115,13 @@ class Settings:
     max_connection_age_grace_s: float = 30.0
     log_level: str = "INFO"
     log_format: str = "text"
+
+    @property
+    def message_limit(self) -> int:
+        """The largest gRPC message received or sent, in bytes (--max-message-bytes)."""
+        if self.max_message_bytes is not None:
+            return self.max_message_bytes
+        return largest_request_bytes(self.image_limits)
 
     @property
     def default_model(self) -> str:

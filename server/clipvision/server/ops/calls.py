@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 REQUEST_ID_KEY = "x-request-id"
 QUEUE_MS_KEY = "clipvision-queue-ms"
@@ -118,15 +119,33 @@ def current_call() -> CallRecord | None:
     return _current.get()
 
 
+class HeldBytes(Protocol):
+    """Memory budget held for a message (resources.admission.ReadHold)."""
+
+    @property
+    def amount(self) -> int:
+        """Bytes held now."""
+
+    def release_part(self, amount: int) -> None:
+        """Give back up to ``amount`` bytes."""
+
+    def release(self) -> None:
+        """Give back everything still held."""
+
+
 @dataclass
 class GateMark:
-    """The call gate's mark on the current call: set when the gate itself ends the call.
+    """The call gate's mark on the current call.
 
-    The gate counts and logs such a call as refused, so the books of the
-    service's interceptor must not count it a second time as cancelled.
+    ``ended_by_gate`` is set when the gate itself ends the call: the gate counts and
+    logs it as refused, so the books of the service's interceptor must not count it a
+    second time as cancelled. ``read_hold`` is the memory budget the message just read
+    holds, until the handler takes it over (``take_read_hold``) or the gate gives it
+    back (at the next read, or when the call ends).
     """
 
     ended_by_gate: bool = False
+    read_hold: HeldBytes | None = None
 
 
 _gate_mark: contextvars.ContextVar[GateMark | None] = contextvars.ContextVar(
@@ -145,3 +164,14 @@ def ended_by_gate() -> bool:
     """Whether the call gate ended the current call."""
     mark = _gate_mark.get()
     return mark is not None and mark.ended_by_gate
+
+
+def take_read_hold() -> HeldBytes | None:
+    """Take over the budget held for the message the current call just read: its items give
+    it back as they are admitted (their admission counts those bytes). None outside a call
+    the gate read (tests calling a servicer directly)."""
+    mark = _gate_mark.get()
+    if mark is None:
+        return None
+    hold, mark.read_hold = mark.read_hold, None
+    return hold

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from clipvision.server.errors import OverloadedError
+from clipvision.server.ops.calls import HeldBytes
 
 T = TypeVar("T")
 
@@ -71,3 +72,20 @@ async def outcomes_of(futures: list[asyncio.Future[Any]]) -> list[Any]:
     finally:
         for future in futures:
             future.cancel()
+
+
+class _Reading(Protocol):
+    held: HeldBytes | None
+    read_share: int | None
+
+
+def give_back_read(item: _Reading) -> None:
+    """Give back an item's read room once: its share of a message several items share, else
+    all of it (its admission counts those bytes now, or it is gone)."""
+    held, item.held = item.held, None
+    if held is None:
+        return
+    if item.read_share is None:
+        held.release()
+    else:
+        held.release_part(item.read_share)

@@ -27,13 +27,12 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from clipvision.server.ops.calls import CallRecord, StageTimes, current_call
-from clipvision.server.pipelines.gather import outcomes_of, settle_failed
+from clipvision.server.ops.calls import CallRecord, HeldBytes, StageTimes, current_call
+from clipvision.server.pipelines.gather import give_back_read, outcomes_of, settle_failed
 from clipvision.server.pipelines.sources import ImageSources
 from clipvision.server.resources.admission import (
     ItemCost,
     MemoryBudget,
-    ReadHold,
     Ticket,
     seconds_left,
 )
@@ -71,6 +70,7 @@ class _Item:
         "model",
         "normalize",
         "preprocess_s",
+        "read_share",
         "record",
         "task",
         "ticket",
@@ -82,13 +82,16 @@ class _Item:
         caller: str,
         normalize: bool,
         deadline: float | None,
-        held: ReadHold | None,
+        held: HeldBytes | None,
     ) -> None:
         self.model = model
         self.caller = caller
         self.normalize = normalize
         self.deadline = deadline
-        self.held = held  # the message's bytes in the read room, until admitted
+        # The request message's read room, and this image's share of it (None: all of it),
+        # given back once the image is admitted (its admission counts those bytes).
+        self.held = held
+        self.read_share: int | None = None
         self.future: asyncio.Future[FloatArray] = asyncio.get_running_loop().create_future()
         self.record: CallRecord | None = current_call()
         self.job: Job[Any] | None = None  # a probe or decode not yet started
@@ -119,13 +122,15 @@ class ImagePipeline:
         image: ImageSource,
         normalize: bool,
         deadline: float | None,
+        held: HeldBytes | None = None,
     ) -> FloatArray:
         """Resolve, price, admit, decode and embed one image.
 
         ``deadline`` (loop time) bounds the wait for the memory budget, None waits as long
-        as it takes.
+        as it takes; ``held`` is the read room of the message it came in, given back once
+        the image is admitted.
         """
-        return await self.start(model, caller, image, normalize, deadline)
+        return await self.start(model, caller, image, normalize, deadline, held)
 
     async def embed_many(
         self,
@@ -134,13 +139,18 @@ class ImagePipeline:
         images: Sequence[ImageSource],
         normalize: bool,
         deadline: float | None,
+        held: HeldBytes | None = None,
     ) -> list[FloatArray | Exception]:
         """Embed every image of one call; each result is its vector or its fault, in order.
 
-        An image refused for capacity (OverloadedError) fails the call as a whole: the
-        others are cancelled and that error is raised.
+        Each image gives back its share of ``held`` (twice its bytes) as it is admitted. An
+        image refused for capacity (OverloadedError) fails the call as a whole: the others
+        are cancelled and that error is raised.
         """
-        futures = [self.start(model, caller, image, normalize, deadline) for image in images]
+        futures = [
+            self.start(model, caller, image, normalize, deadline, held, shared=True)
+            for image in images
+        ]
         return await outcomes_of(futures)
 
     def start(
@@ -150,22 +160,32 @@ class ImagePipeline:
         image: ImageSource,
         normalize: bool,
         deadline: float | None,
-        held: ReadHold | None = None,
+        held: HeldBytes | None = None,
+        *,
+        shared: bool = False,
     ) -> asyncio.Future[FloatArray]:
         """Set one image on its way now; its future gets the vector (or the fault).
 
-        ``held`` is the read room its bytes hold (a stream's message), given back once
-        the image is admitted. Cancelling the future drops the image at its next stage
-        and gives back what it holds (a decode already running ends first, and holds
-        its memory till then).
+        ``held`` is the read room of the message the image came in: given back once the
+        image is admitted (its share, twice its bytes, when ``shared`` by several images;
+        else all of it). Cancelling the future drops the image at its next stage and gives
+        back what it holds (a decode already running ends first, and holds its memory till
+        then).
         """
         item = _Item(model, caller, normalize, deadline, held)
         item.future.add_done_callback(functools.partial(self._finished, item))
         if isinstance(image, bytes):
-            self._probe(item, image)
+            data: bytes | None = image
         elif image.WhichOneof("source") == "content":
-            self._probe(item, image.content)
+            data = image.content
         else:
+            data = None
+        if held is not None and shared:
+            item.read_share = 2 * len(data) if data is not None else 0
+        if data is not None:
+            self._probe(item, data)
+        else:
+            assert isinstance(image, pb.Image)
             item.task = asyncio.get_running_loop().create_task(self._sources.resolve(image))
             item.task.add_done_callback(functools.partial(self._resolved, item))
         return item.future
@@ -245,9 +265,7 @@ class ImagePipeline:
 
     def _admitted(self, item: _Item, ticket: Ticket) -> None:
         item.ticket = ticket
-        if item.held is not None:
-            item.held.release()  # its bytes are counted in the ticket now
-            item.held = None
+        give_back_read(item)  # its bytes are counted in the ticket now
 
     def _decoded(
         self,
@@ -293,9 +311,7 @@ class ImagePipeline:
         if item.ticket is not None:
             item.ticket.release()  # the decode's part stays held while a worker decodes
             item.ticket = None
-        if item.held is not None:
-            item.held.release()
-            item.held = None
+        give_back_read(item)
 
 
 class _Probed:

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from clipvision.server.ops.calls import CallRecord, StageTimes, current_call
-from clipvision.server.pipelines.gather import outcomes_of, settle_failed
+from clipvision.server.ops.calls import CallRecord, HeldBytes, StageTimes, current_call
+from clipvision.server.pipelines.gather import give_back_read, outcomes_of, settle_failed
 from clipvision.server.resources.admission import ItemCost, MemoryBudget, Ticket, seconds_left
 from clipvision.server.resources.dispatch import FairDispatcher, Job
 from clipvision.server.runtime.batcher import Embedded
@@ -54,9 +54,11 @@ class _Item:
         "caller",
         "deadline",
         "future",
+        "held",
         "job",
         "model",
         "normalize",
+        "read_share",
         "record",
         "size",
         "task",
@@ -73,9 +75,13 @@ class _Item:
         caller: str,
         normalize: bool,
         deadline: float | None,
+        held: HeldBytes | None,
     ) -> None:
         self.model = model
         self.tower = tower
+        # The request message's read room and this text's share (None: all of it).
+        self.held = held
+        self.read_share: int | None = None
         self.caller = caller
         self.normalize = normalize
         self.deadline = deadline
@@ -110,13 +116,14 @@ class TextPipeline:
         normalize: bool,
         truncate: bool,
         deadline: float | None,
+        held: HeldBytes | None = None,
     ) -> TextVector:
         """Check, tokenize, admit and embed one text.
 
         ``deadline`` (loop time) bounds the wait for the memory budget; None waits as
         long as it takes. Raises ModalityNotServedError for a model without a text tower.
         """
-        return await self.start(model, caller, text, normalize, truncate, deadline)
+        return await self.start(model, caller, text, normalize, truncate, deadline, held)
 
     async def embed_many(
         self,
@@ -126,12 +133,16 @@ class TextPipeline:
         normalize: bool,
         truncate: bool,
         deadline: float | None,
+        held: HeldBytes | None = None,
     ) -> list[TextVector | Exception]:
         """Embed every text of one call; each result is its vector or its fault, in order.
 
         A text refused for capacity (OverloadedError) fails the call as a whole.
         """
-        futures = [self.start(model, caller, text, normalize, truncate, deadline) for text in texts]
+        futures = [
+            self.start(model, caller, text, normalize, truncate, deadline, held, shared=True)
+            for text in texts
+        ]
         return await outcomes_of(futures)
 
     def start(
@@ -142,6 +153,9 @@ class TextPipeline:
         normalize: bool,
         truncate: bool,
         deadline: float | None,
+        held: HeldBytes | None = None,
+        *,
+        shared: bool = False,
     ) -> asyncio.Future[TextVector]:
         """Set one text on its way now; its future gets the vector (or the fault).
 
@@ -149,13 +163,15 @@ class TextPipeline:
         text fails its future. Cancelling the future drops the text at its next stage.
         """
         tower = model.text_tower()
-        item = _Item(model, tower, caller, normalize, deadline)
+        item = _Item(model, tower, caller, normalize, deadline, held)
         item.future.add_done_callback(functools.partial(self._finished, item))
         try:
             item.size = tower.encoder.check(text)
         except Exception as exc:
             settle_failed(item.future, exc)
             return item.future
+        if held is not None and shared:
+            item.read_share = 2 * item.size
         item.job = self._tokenizes.submit(
             caller,
             item.size,
@@ -205,6 +221,7 @@ class TextPipeline:
 
     def _admitted(self, item: _Item, tokenized: TokenizedText, ticket: Ticket) -> None:
         item.ticket = ticket
+        give_back_read(item)  # its bytes are counted in the ticket now
         item.tower.batcher.put(
             tokenized.ids, item.caller, functools.partial(self._embedded, item), item.future.done
         )
@@ -234,6 +251,7 @@ class TextPipeline:
         if item.ticket is not None:
             item.ticket.release()
             item.ticket = None
+        give_back_read(item)
 
 
 def _tokenize(tower: TextModel, text: str, truncate: bool) -> tuple[TokenizedText, float]:

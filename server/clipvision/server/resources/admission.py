@@ -28,9 +28,9 @@ logger = logging.getLogger(__name__)
 UNARY_WAIT_S = 1.0
 # The RetryInfo delay of a refusal for memory: about what one large decode takes.
 BUDGET_RETRY_AFTER_S = 1.0
-# The part of the memory budget that holds messages read ahead of their admission
-# (1 / READ_SHARE): enough for a stream to keep the workers busy with small images
-# while one large image waits for room.
+# The part of the memory budget that holds messages being read and read ahead of their
+# admission: at least 1 / READ_SHARE of it, room for two of the largest messages where the
+# budget allows (at most half of it), so that reading never waits for decoding.
 READ_SHARE = 8
 
 
@@ -256,7 +256,9 @@ class Ticket:
 
 
 class ReadHold:
-    """Bytes of a message received and not yet admitted with its item, held in the read room."""
+    """Read room taken for one message: reserved at its largest size before it is read, cut
+    to what it holds once read, and given back as the items made from it are admitted (their
+    own admission counts those bytes then) or when its call ends."""
 
     __slots__ = ("_amount", "_budget", "_caller")
 
@@ -265,26 +267,55 @@ class ReadHold:
         self._caller = caller
         self._amount = amount
 
+    @property
+    def amount(self) -> int:
+        """Bytes held now."""
+        return self._amount
+
+    def shrink(self, amount: int) -> None:
+        """Hold ``amount`` bytes: less than reserved gives the rest back; more (a message over
+        the read room, read because nothing else was held) is counted beyond the room."""
+        if amount < self._amount:
+            self.release_part(self._amount - amount)
+        elif amount > self._amount:
+            self._budget.reads.grant_over(self._caller, amount - self._amount)
+            self._amount = amount
+
+    def release_part(self, amount: int) -> None:
+        """Give back up to ``amount`` bytes (an item's share, now counted by its admission)."""
+        part = min(amount, self._amount)
+        if part > 0:
+            self._amount -= part
+            self._budget.reads.give(self._caller, part)
+
     def release(self) -> None:
-        """Give the bytes back (once): the item now holds them in its own admission, or is gone."""
-        if self._amount:
-            self._budget.reads.give(self._caller, self._amount)
-            self._amount = 0
+        """Give back everything still held (idempotent)."""
+        self.release_part(self._amount)
 
 
 class MemoryBudget:
     """The server's budget of bytes for images and texts in flight, shared fairly between callers.
 
-    Two fair pools share it. The read room (``READ_SHARE`` of it) holds the bytes of
-    messages a stream has read whose items are not yet admitted, so that a stream reads
-    ahead without waiting for each image's header to be parsed; the rest (``pool``)
-    holds admitted items. Kept apart, they cannot deadlock: items waiting for room hold
-    only read room, so whatever the read room holds, one item that passes ``check``
-    always fits once the admitted ones are answered.
+    Two fair pools share it. The read room (``reads``) holds every request message from
+    before it is read (room for the largest message, taken before grpc receives it, cut
+    to its size once read) until the items made of it are admitted, so that bytes
+    received are in the budget and a stream reads ahead without waiting for each image's
+    header to be parsed; the rest (``pool``) holds admitted items. Kept apart, they
+    cannot deadlock: items waiting for room hold only read room, so whatever the read
+    room holds, one item that passes ``check`` always fits once the admitted ones are
+    answered.
     """
 
-    def __init__(self, total: int, observer: BudgetObserver | None = None) -> None:
-        self.reads = FairPool(_read_room(total))
+    def __init__(
+        self,
+        total: int,
+        observer: BudgetObserver | None = None,
+        *,
+        largest_read: int = 64 * 1024 * 1024,
+    ) -> None:
+        # A read reserves room for the largest message before it knows the message's size.
+        self._largest_read = largest_read
+        self.reads = FairPool(self._read_room(total))
         self.pool = FairPool(total - self.reads.limit)
         self._observer = observer
         self._stages = {"resident": 0, "decode": 0}
@@ -303,7 +334,7 @@ class MemoryBudget:
 
     def resize(self, total: int) -> None:
         """Set the budget to ``total`` bytes (once the models are resident, say)."""
-        self.reads.resize(_read_room(total))
+        self.reads.resize(self._read_room(total))
         self.pool.resize(total - self.reads.limit)
         if self._observer is not None:
             self._observer.on_budget(total)
@@ -319,27 +350,40 @@ class MemoryBudget:
                 f"one image ({_mib(self.pool.limit)} MiB); downscale it before sending.",
             )
 
-    def try_read(self, caller: str, amount: int) -> ReadHold | None:
-        """Hold ``amount`` bytes of a message just read, if the read room has them now."""
-        if not self.reads.try_take(caller, amount):
+    @property
+    def read_size(self) -> int:
+        """What one read reserves: the largest message, or all the read room if that is less."""
+        return min(self._largest_read, self.reads.limit)
+
+    def try_reserve_read(self, caller: str) -> ReadHold | None:
+        """Reserve room for one message about to be read, if there is room now (nobody waits)."""
+        size = self.read_size
+        if not self.reads.try_take(caller, size):
             return None
-        return ReadHold(self, caller, amount)
+        return ReadHold(self, caller, size)
 
-    async def read(self, caller: str, amount: int) -> ReadHold:
-        """Hold ``amount`` bytes of a message just read, waiting in fair order for room.
-
-        More than the whole read room is held alone: its reader waits until the room is
-        empty, so the read room is never more than one message over its limit.
-        """
-        hold = self.try_read(caller, amount)
+    async def reserve_read(self, caller: str, wait_s: float | None) -> ReadHold:
+        """Reserve room for one message about to be read, waiting in fair order: as long as it
+        takes (None, a stream's backpressure) or ``wait_s`` at most, then OverloadedError
+        (MEMORY_BUDGET_FULL)."""
+        hold = self.try_reserve_read(caller)
         if hold is not None:
             return hold
         if self._observer is not None:
             self._observer.on_admission_wait("memory")
-        await self.reads.take(caller, min(amount, self.reads.limit))
-        if amount > self.reads.limit:
-            self.reads.grant_over(caller, amount - self.reads.limit)
-        return ReadHold(self, caller, amount)
+        size = self.read_size
+        if wait_s is None:
+            await self.reads.take(caller, size)
+        elif not await self.reads.take_within(caller, size, wait_s):
+            self.refused(Reason.MEMORY_BUDGET_FULL)
+            raise OverloadedError(
+                Reason.MEMORY_BUDGET_FULL,
+                f"The server's memory budget has no room to read another message now (it "
+                f"reads at most {_mib(self.reads.limit)} MiB of requests at once); retry after "
+                f"{BUDGET_RETRY_AFTER_S:.1f} s or on another replica.",
+                retry_after_s=BUDGET_RETRY_AFTER_S,
+            )
+        return ReadHold(self, caller, size)
 
     async def admit(self, caller: str, cost: ItemCost, wait_s: float | None) -> Ticket:
         """Take ``cost`` for ``caller``: waiting as long as it takes (None) or ``wait_s`` at most.
@@ -393,6 +437,10 @@ class MemoryBudget:
         if self._observer is not None:
             self._observer.on_admission_refused(reason.value)
 
+    def _read_room(self, total: int) -> int:
+        """Room for two of the largest messages, within an eighth and a half of the budget."""
+        return max(total // READ_SHARE, min(2 * self._largest_read, total // 2))
+
     def usage(self) -> BudgetUsage:
         """Bytes admitted now, by stage, and how they are shared (read at metrics scrape time,
         so that admitting an image costs no metric update)."""
@@ -402,10 +450,6 @@ class MemoryBudget:
             self.pool.callers,
             self.pool.largest_share(),
         )
-
-
-def _read_room(total: int) -> int:
-    return total // READ_SHARE
 
 
 def _mib(value: int) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import time
@@ -38,6 +39,7 @@ from clipvision.server.runtime.checkpoint import (
 from clipvision.server.runtime.gpu_decode import GpuJpegDecoder
 from clipvision.server.runtime.image_encoder import ClipImageEncoder, ImagePayload
 from clipvision.server.runtime.label_cache import LabelCache
+from clipvision.server.runtime.preprocess import PreprocessConfig, largest_image_cost
 from clipvision.server.runtime.text_encoder import ClipTextEncoder, IdArray
 
 logger = logging.getLogger(__name__)
@@ -116,8 +118,13 @@ class ModelRegistry:
         self._slots = {spec.name: _Slot(spec) for spec in settings.models}
         self._drained = asyncio.Event()
         self.memory_limit = settings.memory_limit or default_limit()
+        # The largest image accepted, in pixels: --max-image-pixels, or less where the memory
+        # budget cannot hold even the cheapest image that large (_fit_pixel_limit).
+        self.pixel_limit = settings.image_limits.max_image_pixels
         # One budget for every model: they share the process's memory.
-        self.budget = MemoryBudget(self._budget_bytes(), observer)
+        self.budget = MemoryBudget(
+            self._budget_bytes(), observer, largest_read=settings.message_limit
+        )
 
     @property
     def specs(self) -> list[ModelSpec]:
@@ -290,6 +297,7 @@ class ModelRegistry:
             # torch weights' peak.
             await loop.run_in_executor(self._executor, release_free_memory)
             self.budget.resize(self._budget_bytes())
+        self._fit_pixel_limit()
         seconds = time.perf_counter() - started
         if self._observer is not None:
             self._observer.on_model_loaded(slot.spec.name, seconds)
@@ -362,6 +370,38 @@ class ModelRegistry:
         )
         return decoder
 
+    def _fit_pixel_limit(self) -> None:
+        """Check that the largest legal image fits what the budget admits for one image; if
+        even the cheapest kind does not, lower every model's pixel limit to what fits, so
+        that larger images are refused from their header (IMAGE_TOO_MANY_PIXELS, the limit
+        in the message) instead of waiting for room that never comes. One line says so."""
+        limits = self._settings.image_limits
+        configured = limits.max_image_pixels
+        admits = self.budget.pool.limit
+        fits = {}
+        for kind in ("cheapest", "dearest"):
+            # Pixels alone (a small file): a large file as well is priced per image, and one
+            # over the budget is refused then (IMAGE_OVER_MEMORY_BUDGET).
+            fits[kind] = min(
+                _largest_fitting(configured, admits, model.encoder.checkpoint.preprocess, kind, 0)
+                for model in self.served()
+            )
+        limit = min(configured, fits["cheapest"])
+        if fits["dearest"] < configured:
+            logger.warning(
+                "the memory budget admits %d MiB for one image: up to %d pixels of an opaque "
+                "JPEG, %d of a transparent WebP, under --max-image-pixels %d; larger images are "
+                "refused%s (raise --memory-limit or --memory-budget to accept them)",
+                admits >> 20,
+                fits["cheapest"],
+                fits["dearest"],
+                configured,
+                f", beyond {limit} pixels from their header" if limit < configured else "",
+            )
+        self.pixel_limit = limit
+        for model in self.served():
+            model.encoder.limits = dataclasses.replace(model.encoder.limits, max_image_pixels=limit)
+
     def _budget_bytes(self) -> int:
         """The configured budget, or the default for the memory limit and what is resident."""
         if self._settings.memory_budget is not None:
@@ -390,3 +430,19 @@ class ModelRegistry:
                 await slot.model.batcher.stop()
                 if slot.model.text is not None:
                     await slot.model.text.batcher.stop()
+
+
+def _largest_fitting(
+    configured: int, admits: int, config: PreprocessConfig, kind: str, encoded_bytes: int
+) -> int:
+    """The most pixels (up to ``configured``) an image of ``kind`` may have to fit ``admits``."""
+    if largest_image_cost(configured, config, kind, encoded_bytes) <= admits:
+        return configured
+    low, high = 0, configured  # low fits (or is 0), high does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        if largest_image_cost(middle, config, kind, encoded_bytes) <= admits:
+            low = middle
+        else:
+            high = middle
+    return low

@@ -9,7 +9,10 @@ table that holds the exact float results of its rescale and normalise for each b
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import io
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -370,6 +373,32 @@ def decode_working_set(probed: ProbedImage, config: PreprocessConfig) -> int:
     # Decoder buffers, the crop's arrays, allocator slack: measured under a quarter byte a pixel.
     slack = probed.pixels // 4 + (256 << 10)
     return probed.pixels * per_pixel + strip + resized + slack
+
+
+@functools.cache
+def _reference_headers() -> dict[str, ProbedImage]:
+    """1x1 images of the cheapest and the dearest kind to decode, parsed: an opaque RGB JPEG
+    (4 bytes a pixel) and a WebP with transparency (20: its decoder's canvas, the RGBA
+    image, the composite onto white)."""
+    limits = ImageLimits()
+    made = {}
+    for name, image, image_format in (
+        ("cheapest", Image.new("RGB", (1, 1)), "JPEG"),
+        ("dearest", Image.new("RGBA", (1, 1), (0, 0, 0, 0)), "WEBP"),
+    ):
+        buffer = io.BytesIO()
+        image.save(buffer, image_format)
+        made[name] = probe_image(buffer.getvalue(), limits)
+    return made
+
+
+def largest_image_cost(pixels: int, config: PreprocessConfig, kind: str, encoded_bytes: int) -> int:
+    """What admitting a square image of ``pixels`` pixels in a file of ``encoded_bytes`` costs
+    (ItemCost.total: the file twice, the crop, the decode), for the ``cheapest`` or the
+    ``dearest`` kind of image to decode."""
+    side = max(1, math.isqrt(pixels))
+    probed = dataclasses.replace(_reference_headers()[kind], width=side, height=side)
+    return 2 * encoded_bytes + decode_working_set(probed, config) + output_bytes(probed, config)
 
 
 def output_bytes(probed: ProbedImage, config: PreprocessConfig) -> int:

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from clipvision.server.api.call_context import caller_of
 from clipvision.server.errors import (
     ClipVisionError,
     InvalidRequestError,
@@ -47,6 +49,7 @@ from clipvision.server.errors import (
 from clipvision.server.ops.calls import GateMark, open_gate_mark
 from clipvision.server.ops.logs import RateLimitedLog
 from clipvision.server.ops.metrics import ServerMetrics
+from clipvision.server.resources.admission import MemoryBudget, ReadHold
 from clipvision.server.wire.auth import BearerToken
 from clipvision.server.wire.interceptors import rich_status
 from clipvision.server.wire.slots import Slot, SlotPool
@@ -88,13 +91,14 @@ class GateLimits:
     evict_idle_stream_after_s: float = 10.0
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: the gate keys calls in dicts
 class _Call:
     """One guarded call: its slot, its task, and the error it was ended with, if evicted."""
 
     label: str
     task: asyncio.Task[Any] | None
     mark: GateMark
+    kind: CallKind
     slot: Slot | None = None
     ended_with: ClipVisionError | None = None
 
@@ -107,9 +111,14 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         limits: GateLimits,
         metrics: ServerMetrics | None = None,
         token: str | None = None,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.limits = limits
         self._metrics = metrics
+        # Request messages are read only against room in the memory budget's read room.
+        self._budget = budget
+        # Calls whose read is pending while they hold read room: the monotonic time it began.
+        self._reading: dict[_Call, float] = {}
         self._token = BearerToken(token) if token else None
         self.pools = {
             CallKind.UNARY: SlotPool(
@@ -135,8 +144,10 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             metrics.watch_call_slots({pool.name: pool for pool in self.pools.values()})
 
     def start(self) -> None:
-        """Start ending streams that stay idle too long."""
-        if self._sweeper is None and self.limits.stream_idle_timeout_s > 0:
+        """Start ending streams that stay idle too long (and readers holding room others need)."""
+        if self._sweeper is None and (
+            self.limits.stream_idle_timeout_s > 0 or self._budget is not None
+        ):
             self._sweeper = asyncio.get_running_loop().create_task(
                 self._sweep(), name="call-gate-sweeper"
             )
@@ -151,9 +162,12 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     async def _sweep(self) -> None:
         timeout = self.limits.stream_idle_timeout_s
+        interval = min(1.0, timeout / 4) if timeout > 0 else 1.0
         while True:
-            await asyncio.sleep(min(1.0, timeout / 4))
-            self.pools[CallKind.STREAM].evict_idle(timeout)
+            await asyncio.sleep(interval)
+            if timeout > 0:
+                self.pools[CallKind.STREAM].evict_idle(timeout)
+            self._make_read_room()
 
     async def intercept_service(
         self,
@@ -220,7 +234,7 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             call: _Call, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> Any:
             if handler.request_streaming:
-                return self._messages(call, request_iterator, deserialize)
+                return self._messages(call, request_iterator, deserialize, context)
             return await self._read(call, context, deserialize)
 
         if not handler.response_streaming:
@@ -271,7 +285,7 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self, kind: CallKind, label: str, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[_Call]:
         """Hold a slot of ``kind``'s pool for the call; end it with its error if evicted."""
-        call = _Call(label, asyncio.current_task(), open_gate_mark())
+        call = _Call(label, asyncio.current_task(), open_gate_mark(), kind)
         pool = self.pools.get(kind)
         if pool is not None:
             call.slot = pool.acquire(context.peer(), lambda: self._evict(call, kind))
@@ -290,6 +304,8 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             error.__traceback__ = None  # grpc keeps the abort in a cycle with the call
             await self._refuse(context, label, error)
         finally:
+            self._reading.pop(call, None)
+            _release_unclaimed(call)
             if call.slot is not None:
                 call.slot.release()
 
@@ -318,6 +334,9 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         deserialize: Callable[[bytes], Any] | None,
     ) -> Any:
         timeout = self.limits.read_timeout_s
+        hold = await self._reserve_read(call, context, timeout)
+        # Given back when the call ends, whatever happens, unless the handler takes it over.
+        call.mark.read_hold = hold
         try:
             async with asyncio.timeout(timeout):
                 raw = await context.read()
@@ -327,6 +346,8 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 f"The request message did not arrive within {timeout:g} s of the call's start; "
                 "send it right after the call starts.",
             ) from None
+        finally:
+            self._reading.pop(call, None)
         if raw is grpc.aio.EOF:  # type: ignore[attr-defined]  # grpc-stubs predates it
             raise InvalidRequestError(
                 Reason.REQUEST_MISSING,
@@ -335,19 +356,74 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             )
         if call.slot is not None:
             call.slot.set_idle(False)
+        if hold is not None:
+            # The raw bytes and the message parsed from them, until the handler's items are
+            # admitted (it takes the hold over) or the call ends.
+            hold.shrink(2 * len(raw))
         return _parse(raw, deserialize)
 
     async def _messages(
-        self, call: _Call, request_iterator: AsyncIterator[bytes], deserialize: Any
+        self,
+        call: _Call,
+        request_iterator: AsyncIterator[bytes],
+        deserialize: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[Any]:
-        async for raw in request_iterator:
+        messages = request_iterator.__aiter__()
+        while True:
+            # The last message's room, unless its item took it over.
+            _release_unclaimed(call)
+            hold = await self._reserve_read(call, context, None)
+            try:
+                raw = await messages.__anext__()
+            except StopAsyncIteration:
+                return
+            finally:
+                self._reading.pop(call, None)
+                if hold is not None:
+                    # Taken over by the handler's item, or given back at the next read (or
+                    # when the call ends, if anything below fails).
+                    call.mark.read_hold = hold
             if call.slot is not None:
                 call.slot.touch()
+            if hold is not None:
+                hold.shrink(2 * len(raw))
             message = _parse(raw, deserialize)
             # Not held while the handler works on the message: an image stream's raw bytes
             # would otherwise stay in memory beside the parsed copy until the next one.
             del raw
             yield message
+
+    async def _reserve_read(
+        self, call: _Call, context: grpc.aio.ServicerContext[Any, Any], wait_s: float | None
+    ) -> ReadHold | None:
+        """Room in the memory budget for the largest message, before grpc receives one.
+
+        A unary call waits at most ``wait_s`` (then MEMORY_BUDGET_FULL); a stream waits as
+        long as it takes (it stops reading: backpressure). Waiting, it first makes room by
+        ending the call that has waited longest for a message while holding room.
+        """
+        if self._budget is None:
+            return None
+        caller = caller_of(context)
+        hold = self._budget.try_reserve_read(caller)
+        if hold is None:
+            self._make_read_room()
+            hold = await self._budget.reserve_read(caller, wait_s)
+        self._reading[call] = time.monotonic()
+        return hold
+
+    def _make_read_room(self) -> None:
+        """While someone waits for read room, end the call idle longest with a read pending,
+        once it has waited ``evict_reading_after_s`` for its message: legitimate callers
+        send their messages at once, and a stream between messages can open again."""
+        if self._budget is None or not self._budget.reads.waiting or not self._reading:
+            return
+        call, since = min(self._reading.items(), key=lambda entry: entry[1])
+        if time.monotonic() - since < self.limits.evict_reading_after_s:
+            return
+        self._reading.pop(call, None)
+        self._evict(call, call.kind)
 
     async def _refuse(
         self, context: grpc.aio.ServicerContext[Any, Any], label: str, error: ClipVisionError
@@ -405,3 +481,10 @@ def _peer(context: grpc.aio.ServicerContext[Any, Any]) -> str:
         return str(context.peer())
     except Exception:  # the peer string is the transport's; never let a log line fail a call
         return "?"
+
+
+def _release_unclaimed(call: _Call) -> None:
+    """Give back the read room of the call's last message if no handler took it over."""
+    hold, call.mark.read_hold = call.mark.read_hold, None
+    if hold is not None:
+        hold.release()
