@@ -26,6 +26,8 @@ import torch
 from PIL import Image
 from transformers import AutoModel, AutoProcessor, AutoTokenizer
 
+from clipvision.client._messages import to_label_scores
+from clipvision.client.cli import _describe_model as describe_model
 from clipvision.inference_v2 import grpc_service_pb2 as oip
 from clipvision.inference_v2 import grpc_service_pb2_grpc as oip_grpc
 from clipvision.server.config.presets import PRESETS
@@ -280,6 +282,22 @@ async def test_model_info_says_family_score_and_bias(
     # its start-up check against torch).
     backend = family_server[1]
     assert {(m.image_runtime, m.text_runtime) for m in info.values()} == {(backend, backend)}
+    # What `clipvision info` prints of them.
+    siglip = describe_model(info["siglip"])
+    assert "family siglip" in siglip
+    assert "preprocessing: resize to 32x32 px (bicubic), no crop" in siglip
+    assert "logit scale 20, logit bias -0.3, sigmoid scores" in siglip
+    assert "shortest edge 32 px (bicubic), centre crop 32x32" in describe_model(metaclip)
+
+
+def test_the_client_says_which_probabilities_classify_returned() -> None:
+    score = pb.LabelScore(label="cat", probability=0.7, cosine=0.1)
+    sigmoid = to_label_scores(pb.ClassifyResponse(scores=[score], score_type=pb.SCORE_TYPE_SIGMOID))
+    older = to_label_scores(pb.ClassifyResponse(scores=[score]))
+    assert [(s.label, s.score_type) for s in sigmoid + older] == [
+        ("cat", "sigmoid"),
+        ("cat", "softmax"),
+    ]
 
 
 @pytest.mark.parametrize("name", MODELS)
