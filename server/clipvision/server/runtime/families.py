@@ -68,7 +68,7 @@ class Family:
     name: str
     """What GetModelInfo reports: ``clip``, ``siglip`` or ``metaclip_2``."""
     model_types: frozenset[str]
-    """The config.json ``model_type`` values of this family (the full model's first)."""
+    """The config.json ``model_type`` values of this family's full checkpoints."""
     vision_only_type: str | None
     """The ``model_type`` of a checkpoint holding only its vision tower, if served."""
     vision_class: Any
