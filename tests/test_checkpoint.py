@@ -40,7 +40,9 @@ def test_vision_only_checkpoint_loads_with_its_preprocessing(vision_dir: Path) -
 
 
 def test_a_preset_name_pins_the_architecture(clip_dir: Path) -> None:
-    with pytest.raises(CheckpointError, match=r"not a ViT-B/32 checkpoint: projection_dim is 16"):
+    with pytest.raises(
+        CheckpointError, match=r"not a ViT-B/32 checkpoint: its embeddings have 16 dimensions"
+    ):
         load_checkpoint(ModelSpec.parse(f"ViT-B/32={clip_dir}"), device=CPU, dtype=torch.float32)
 
 
@@ -51,7 +53,7 @@ def test_missing_directory_is_refused(tmp_path: Path) -> None:
 
 def test_non_clip_model_is_refused(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(CheckpointError, match="'bert' model; clipvision serves CLIP"):
+    with pytest.raises(CheckpointError, match="'bert' model; clipvision serves model types clip"):
         load_checkpoint(ModelSpec.parse(str(tmp_path)), device=CPU, dtype=torch.float32)
 
 

@@ -168,6 +168,15 @@ def test_filters_that_are_not_exact_on_a_device_are_refused() -> None:
             DeviceGeometry(config)
 
 
+def test_siglip_resizes_straight_to_its_size_on_the_device_as_pillow_does() -> None:
+    # SigLIP's geometry (no shortest edge, no crop): every size lands on 224 x 224, squashed.
+    assert "siglip-224" in EXACT_CONFIGS
+    assert device_resize.self_check(PreprocessConfig.siglip(224), CPU) == 0
+    for size in [(640, 480), (480, 640), (2, 1200), (4000, 300), (224, 224), (9, 7)]:
+        assert_same_bytes(astronaut(size), "siglip-224")
+        assert on_device(ours("siglip-224"), astronaut(size)).shape == (3, 224, 224)
+
+
 def test_the_start_up_check_finds_a_resize_that_differs_from_pillow(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -1,8 +1,10 @@
-"""Decoding under operator limits, and parity with transformers' CLIPImageProcessorPil.
+"""Decoding under operator limits, and parity with transformers' Pillow-backed processors.
 
-The reference is transformers itself, fed the same decoded image: our pixels must equal its
-pixels, and a tiny CLIP vision model must embed both the same, on real photographs and on
-generated images of every pixel mode, size and aspect ratio that reaches the server.
+The reference is transformers itself, fed the same decoded image: CLIPImageProcessorPil
+(shortest side, centre crop) or SiglipImageProcessorPil (straight to H x W). Our pixels
+must equal its pixels, and a tiny CLIP vision model must embed both the same, on real
+photographs and on generated images of every pixel mode, size and aspect ratio that
+reaches the server.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ import numpy.typing as npt
 import pytest
 import torch
 from PIL import ExifTags, Image
-from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    SiglipImageProcessorPil,
+)
 
 from clipvision.server.config.limits import ImageLimits
 from clipvision.server.errors import InvalidImageError, Reason
@@ -59,6 +66,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "resample": Image.Resampling.LANCZOS,
         "do_normalize": False,
     },
+    # SiglipImageProcessorPil's (straight to H x W, no crop): its defaults, as
+    # google/siglip-base-patch16-224 ships them, and a small oblong bilinear one.
+    "siglip-224": {},
+    "siglip-oblong": {
+        "size": {"height": 30, "width": 41},
+        "resample": Image.Resampling.BILINEAR,
+        "image_mean": [0.5, 0.4, 0.3],
+        "image_std": [0.2, 0.25, 0.3],
+    },
 }
 
 SIZES = [
@@ -78,8 +94,9 @@ SIZES = [
 
 @cache
 def reference(name: str) -> Any:
-    """transformers' Pillow-backed CLIP processor for one config."""
-    return CLIPImageProcessorPil(**CONFIGS[name])
+    """transformers' Pillow-backed processor for one config: SigLIP's or CLIP's."""
+    kind = SiglipImageProcessorPil if name.startswith("siglip") else CLIPImageProcessorPil
+    return kind(**CONFIGS[name])
 
 
 @cache
@@ -304,12 +321,27 @@ def test_config_is_read_from_a_saved_checkpoint(tmp_path: Path) -> None:
     assert loaded.mean == (0.5, 0.4, 0.3)
 
 
-@pytest.mark.parametrize(
-    "size", [{"height": 224, "width": 224}, {"shortest_edge": 224, "longest_edge": 448}]
-)
-def test_size_configs_not_based_on_the_shortest_edge_are_refused(size: dict[str, int]) -> None:
+def test_siglip_defaults_are_transformers_defaults() -> None:
+    config = PreprocessConfig.from_image_processor(reference("siglip-224"))
+    assert config == PreprocessConfig.siglip(224)
+    assert (config.shortest_edge, config.resize_height, config.resize_width) == (0, 224, 224)
+    assert not config.do_center_crop
+    assert config.size_after_resize(640, 480) == (224, 224)
+
+
+def test_a_siglip_config_is_read_from_a_saved_checkpoint(tmp_path: Path) -> None:
+    reference("siglip-oblong").save_pretrained(tmp_path)
+    loaded = PreprocessConfig.from_image_processor(
+        SiglipImageProcessorPil.from_pretrained(tmp_path)
+    )
+    assert loaded == ours("siglip-oblong").config
+    assert (loaded.crop_height, loaded.crop_width) == (30, 41)
+
+
+def test_size_configs_of_another_shape_are_refused() -> None:
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 224, "longest_edge": 448})
     with pytest.raises(ValueError, match="shortest_edge"):
-        PreprocessConfig.from_image_processor(CLIPImageProcessorPil(size=size))
+        PreprocessConfig.from_image_processor(processor)
 
 
 # -- decoding -------------------------------------------------------------------------------

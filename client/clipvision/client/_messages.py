@@ -42,12 +42,15 @@ class LabelScore:
     label: str
     """The label as it was given (without the prompt template)."""
     probability: float
-    """The softmax over all labels of logit_scale times the cosine; the scores of one call sum
-    to 1."""
+    """Of the kind ``score_type`` says: the softmax over all labels of logit_scale times the
+    cosine (the scores of one call sum to 1), or for SigLIP models the sigmoid of
+    logit_scale times the cosine plus logit_bias, for this label on its own."""
     cosine: float
     """The cosine similarity of the image's and the prompt's embeddings."""
     truncated: bool
     """True when the prompt was longer than the model's context and was truncated."""
+    score_type: str = "softmax"
+    """"softmax" (over the labels) or "sigmoid" (per label), as the model's family scores."""
 
 
 def to_vector(embedding: pb.Embedding) -> FloatArray:
@@ -62,8 +65,10 @@ def to_text_embedding(embedding: pb.Embedding) -> TextEmbedding:
 
 def to_label_scores(response: pb.ClassifyResponse) -> list[LabelScore]:
     """The scores of a Classify response, in the order of the labels."""
+    # A server from before score types were reported scores with a softmax.
+    kind = "sigmoid" if response.score_type == pb.SCORE_TYPE_SIGMOID else "softmax"
     return [
-        LabelScore(score.label, score.probability, score.cosine, score.truncated)
+        LabelScore(score.label, score.probability, score.cosine, score.truncated, kind)
         for score in response.scores
     ]
 

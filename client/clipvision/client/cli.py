@@ -231,21 +231,29 @@ def _describe_model(model: pb.ModelInfo) -> str:
         return f"{name}: not loaded yet; source {model.source}"
     pre = model.preprocessing
     interpolation = pb.Interpolation.Name(pre.interpolation).removeprefix("INTERPOLATION_")
+    family = f"; family {model.family}" if model.family else ""
+    # SigLIP resizes straight to a size; CLIP resizes the shortest edge, then crops.
+    if pre.resize_height:
+        resize = f"resize to {pre.resize_width}x{pre.resize_height} px"
+    else:
+        resize = f"shortest edge {pre.resize_shortest_edge} px"
+    crop = f"centre crop {pre.crop_width}x{pre.crop_height}" if pre.crop_height else "no crop"
     return (
         f"{name}: {model.embedding_dimension}-d, {model.image_size} px, {model.dtype} on "
-        f"{model.device}{_runtime(model.image_runtime)}; source {model.source}\n"
-        f"  preprocessing: shortest edge {pre.resize_shortest_edge} px ({interpolation.lower()}), "
-        f"centre crop {pre.crop_width}x{pre.crop_height}, mean {_floats(pre.mean)}, "
-        f"std {_floats(pre.std)}\n" + _describe_text(model)
+        f"{model.device}{_runtime(model.image_runtime)}; source {model.source}{family}\n"
+        f"  preprocessing: {resize} ({interpolation.lower()}), {crop}, "
+        f"mean {_floats(pre.mean)}, std {_floats(pre.std)}\n" + _describe_text(model)
     )
 
 
 def _describe_text(model: pb.ModelInfo) -> str:
     if pb.MODALITY_TEXT not in model.modalities:
         return "  texts: not served (no text tower)"
+    bias = f", logit bias {model.logit_bias:.4g}" if model.HasField("logit_bias") else ""
+    scores = ", sigmoid scores" if model.score_type == pb.SCORE_TYPE_SIGMOID else ""
     return (
         f"  texts: context {model.text_context_length} tokens, vocabulary "
-        f"{model.vocab_size:,}, logit scale {model.logit_scale:.4g}"
+        f"{model.vocab_size:,}, logit scale {model.logit_scale:.4g}{bias}{scores}"
         f"{_runtime(model.text_runtime)}"
     )
 

@@ -19,6 +19,38 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ScoreType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScoreTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScoreType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCORE_TYPE_UNSPECIFIED: _ScoreType.ValueType  # 0
+    """Not known (a server from before score types were reported: softmax)."""
+    SCORE_TYPE_SOFTMAX: _ScoreType.ValueType  # 1
+    """The softmax over the labels of logit_scale times the cosine (CLIP,
+    MetaCLIP, OpenCLIP's checkpoints): the labels compete and sum to 1.
+    """
+    SCORE_TYPE_SIGMOID: _ScoreType.ValueType  # 2
+    """The sigmoid of logit_scale times the cosine plus logit_bias, per label
+    (SigLIP, SigLIP 2): each label is judged on its own.
+    """
+
+class ScoreType(_ScoreType, metaclass=_ScoreTypeEnumTypeWrapper):
+    """ScoreType names how Classify turns cosines into probabilities."""
+
+SCORE_TYPE_UNSPECIFIED: ScoreType.ValueType  # 0
+"""Not known (a server from before score types were reported: softmax)."""
+SCORE_TYPE_SOFTMAX: ScoreType.ValueType  # 1
+"""The softmax over the labels of logit_scale times the cosine (CLIP,
+MetaCLIP, OpenCLIP's checkpoints): the labels compete and sum to 1.
+"""
+SCORE_TYPE_SIGMOID: ScoreType.ValueType  # 2
+"""The sigmoid of logit_scale times the cosine plus logit_bias, per label
+(SigLIP, SigLIP 2): each label is judged on its own.
+"""
+Global___ScoreType: _TypeAlias = ScoreType  # noqa: Y015
+
 class _Interpolation:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -762,9 +794,13 @@ class LabelScore(_message.Message):
     label: _builtins.str
     """The label, as it was sent (without the template)."""
     probability: _builtins.float
-    """The softmax over all labels of logit_scale times the cosine, exactly as
-    CLIPModel's logits_per_image.softmax(-1); the scores of one response sum
-    to 1.
+    """The probability of this label, of the kind ClassifyResponse.score_type
+    says: for CLIP-family models the softmax over all labels of logit_scale
+    times the cosine, exactly as CLIPModel's logits_per_image.softmax(-1)
+    (the scores of one response sum to 1); for SigLIP models the sigmoid of
+    logit_scale times the cosine plus logit_bias, for this label on its own,
+    exactly as SiglipModel's sigmoid(logits_per_image) (they need not sum to
+    1).
     """
     cosine: _builtins.float
     """The cosine similarity of the image's and the prompt's embeddings."""
@@ -794,8 +830,13 @@ class ClassifyResponse(_message.Message):
 
     SCORES_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
+    SCORE_TYPE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The name of the model that computed the scores."""
+    score_type: Global___ScoreType.ValueType
+    """Which kind of probabilities the scores hold: a softmax over the labels or
+    a sigmoid per label, as the model's family scores (ModelInfo.score_type).
+    """
     @_builtins.property
     def scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelScore]:
         """The scores, in the same order as ClassifyRequest.labels."""
@@ -805,10 +846,11 @@ class ClassifyResponse(_message.Message):
         *,
         scores: _abc.Iterable[Global___LabelScore] | None = ...,
         model: _builtins.str = ...,
+        score_type: Global___ScoreType.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "scores", b"scores"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "score_type", b"score_type", "scores", b"scores"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -848,16 +890,21 @@ class Preprocessing(_message.Message):
     MEAN_FIELD_NUMBER: _builtins.int
     STD_FIELD_NUMBER: _builtins.int
     RESIZE_DEVICE_FIELD_NUMBER: _builtins.int
+    RESIZE_HEIGHT_FIELD_NUMBER: _builtins.int
+    RESIZE_WIDTH_FIELD_NUMBER: _builtins.int
     exif_transpose: _builtins.bool
     """True when EXIF orientation is applied before anything else."""
     resize_shortest_edge: _builtins.int
-    """The length, in pixels, that the shortest edge is resized to."""
+    """The length, in pixels, that the shortest edge is resized to, the aspect
+    ratio kept (CLIP's preprocessing); zero when images are resized straight
+    to resize_height x resize_width instead.
+    """
     interpolation: Global___Interpolation.ValueType
     """The filter used for resizing."""
     crop_height: _builtins.int
-    """The height, in pixels, of the centre crop."""
+    """The height, in pixels, of the centre crop; zero when there is none."""
     crop_width: _builtins.int
-    """The width, in pixels, of the centre crop."""
+    """The width, in pixels, of the centre crop; zero when there is none."""
     rescale_factor: _builtins.float
     """The factor that maps 8-bit pixel values to [0, 1]."""
     resize_device: _builtins.str
@@ -865,6 +912,15 @@ class Preprocessing(_message.Message):
     that decode), or the torch device that runs the model, for example
     "cuda:0", where the server reproduces Pillow's fixed-point resampling
     byte for byte (checked when it starts).
+    """
+    resize_height: _builtins.int
+    """The height, in pixels, that images are resized to straight, the aspect
+    ratio not kept (SigLIP's preprocessing); zero when the shortest edge is
+    resized instead (resize_shortest_edge).
+    """
+    resize_width: _builtins.int
+    """The width, in pixels, that images are resized to straight; zero when the
+    shortest edge is resized instead.
     """
     @_builtins.property
     def mean(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
@@ -886,10 +942,12 @@ class Preprocessing(_message.Message):
         mean: _abc.Iterable[_builtins.float] | None = ...,
         std: _abc.Iterable[_builtins.float] | None = ...,
         resize_device: _builtins.str = ...,
+        resize_height: _builtins.int = ...,
+        resize_width: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crop_height", b"crop_height", "crop_width", b"crop_width", "exif_transpose", b"exif_transpose", "interpolation", b"interpolation", "mean", b"mean", "rescale_factor", b"rescale_factor", "resize_device", b"resize_device", "resize_shortest_edge", b"resize_shortest_edge", "std", b"std"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crop_height", b"crop_height", "crop_width", b"crop_width", "exif_transpose", b"exif_transpose", "interpolation", b"interpolation", "mean", b"mean", "rescale_factor", b"rescale_factor", "resize_device", b"resize_device", "resize_height", b"resize_height", "resize_shortest_edge", b"resize_shortest_edge", "resize_width", b"resize_width", "std", b"std"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -917,6 +975,9 @@ class ModelInfo(_message.Message):
     LOGIT_SCALE_FIELD_NUMBER: _builtins.int
     IMAGE_RUNTIME_FIELD_NUMBER: _builtins.int
     TEXT_RUNTIME_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
+    SCORE_TYPE_FIELD_NUMBER: _builtins.int
+    LOGIT_BIAS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name requests use to select this model."""
     source: _builtins.str
@@ -941,14 +1002,15 @@ class ModelInfo(_message.Message):
     """True for the model that requests with an empty model name use."""
     text_context_length: _builtins.int
     """The longest text, in tokens (the start and end tokens included), the
-    text tower takes; 77 for the OpenAI checkpoints. Zero without a text
-    tower.
+    text tower takes; 77 for the OpenAI checkpoints, 64 for SigLIP's. Zero
+    without a text tower.
     """
     vocab_size: _builtins.int
     """The size of the tokenizer's vocabulary; zero without a text tower."""
     logit_scale: _builtins.float
     """The learned temperature: Classify multiplies cosines by it before the
-    softmax (CLIPModel's logit_scale.exp()). Zero without a text tower.
+    softmax or sigmoid (the model's logit_scale.exp()). Zero without a text
+    tower.
     """
     image_runtime: _builtins.str
     """The runtime that runs the image tower: "torch", or "onnxruntime" where
@@ -957,6 +1019,20 @@ class ModelInfo(_message.Message):
     text_runtime: _builtins.str
     """The runtime that runs the text tower, as image_runtime; empty without a
     text tower.
+    """
+    family: _builtins.str
+    """The model family, read from the checkpoint's config: "clip" (OpenAI
+    CLIP, MetaCLIP, OpenCLIP's LAION and DataComp checkpoints), "siglip"
+    (SigLIP and SigLIP 2 FixRes) or "metaclip_2" (MetaCLIP 2). It decides the
+    towers, how texts are padded and how Classify scores. Empty until loaded.
+    """
+    score_type: Global___ScoreType.ValueType
+    """How Classify turns cosines into probabilities for this model; unspecified
+    without a text tower.
+    """
+    logit_bias: _builtins.float
+    """The learned bias Classify adds to logit_scale times the cosine before the
+    sigmoid (SiglipModel's logit_bias); unset for families without one.
     """
     @_builtins.property
     def preprocessing(self) -> Global___Preprocessing:
@@ -987,12 +1063,17 @@ class ModelInfo(_message.Message):
         logit_scale: _builtins.float = ...,
         image_runtime: _builtins.str = ...,
         text_runtime: _builtins.str = ...,
+        family: _builtins.str = ...,
+        score_type: Global___ScoreType.ValueType = ...,
+        logit_bias: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["preprocessing", b"preprocessing"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_logit_bias", b"_logit_bias", "logit_bias", b"logit_bias", "preprocessing", b"preprocessing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dtype", b"dtype", "dummy_weights", b"dummy_weights", "embedding_dimension", b"embedding_dimension", "image_runtime", b"image_runtime", "image_size", b"image_size", "is_default", b"is_default", "loaded", b"loaded", "logit_scale", b"logit_scale", "modalities", b"modalities", "name", b"name", "preprocessing", b"preprocessing", "source", b"source", "text_context_length", b"text_context_length", "text_runtime", b"text_runtime", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_logit_bias", b"_logit_bias", "device", b"device", "dtype", b"dtype", "dummy_weights", b"dummy_weights", "embedding_dimension", b"embedding_dimension", "family", b"family", "image_runtime", b"image_runtime", "image_size", b"image_size", "is_default", b"is_default", "loaded", b"loaded", "logit_bias", b"logit_bias", "logit_scale", b"logit_scale", "modalities", b"modalities", "name", b"name", "preprocessing", b"preprocessing", "score_type", b"score_type", "source", b"source", "text_context_length", b"text_context_length", "text_runtime", b"text_runtime", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__logit_bias: _TypeAlias = _typing.Literal["logit_bias"]  # noqa: Y015
+    _WhichOneofArgType__logit_bias: _TypeAlias = _typing.Literal["_logit_bias", b"_logit_bias"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__logit_bias) -> _WhichOneofReturnType__logit_bias | None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
 

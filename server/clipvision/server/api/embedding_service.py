@@ -34,6 +34,7 @@ from clipvision.server.pipelines.classify import ClassifyPipeline, check_labels
 from clipvision.server.pipelines.images import ImagePipeline
 from clipvision.server.pipelines.texts import TextPipeline, TextVector
 from clipvision.server.resources.admission import seconds_until
+from clipvision.server.runtime.families import Score
 from clipvision.server.runtime.image_encoder import FloatArray
 from clipvision.server.runtime.models import ModelRegistry, ServedModel
 from clipvision.server.runtime.preprocess import PreprocessConfig
@@ -241,7 +242,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             yield response
 
     async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
-        """Score one image against labels: softmax of logit_scale x cosine, in label order."""
+        """Score one image against labels as the model's family does (softmax over the labels,
+        or a sigmoid per label), in label order."""
         labels = list(request.labels)
         check_labels(
             labels,
@@ -278,6 +280,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                     strict=True,
                 )
             ],
+            score_type=_SCORE_TYPES[scores.score],
         )
 
     # -- the models -----------------------------------------------------------
@@ -392,20 +395,32 @@ def _describe(info: pb.ModelInfo, served: ServedModel) -> None:
         info.text_context_length = tower.context_length
         info.vocab_size = tower.vocab_size
         info.logit_scale = tower.logit_scale
+        info.score_type = _SCORE_TYPES[tower.family.score]
+        if tower.logit_bias is not None:
+            info.logit_bias = tower.logit_bias
+    info.family = checkpoint.family.name
 
 
 def _preprocessing(config: PreprocessConfig) -> pb.Preprocessing:
+    crop = config.do_center_crop
     return pb.Preprocessing(
         exif_transpose=True,
         resize_shortest_edge=config.shortest_edge,
+        resize_height=config.resize_height,
+        resize_width=config.resize_width,
         interpolation=_INTERPOLATIONS.get(config.resample, pb.INTERPOLATION_UNSPECIFIED),
-        crop_height=config.crop_height,
-        crop_width=config.crop_width,
+        crop_height=config.crop_height if crop else 0,
+        crop_width=config.crop_width if crop else 0,
         rescale_factor=config.rescale_factor,
         mean=list(config.mean),
         std=list(config.std),
     )
 
+
+_SCORE_TYPES: dict[Score, pb.ScoreType.ValueType] = {
+    Score.SOFTMAX: pb.SCORE_TYPE_SOFTMAX,
+    Score.SIGMOID: pb.SCORE_TYPE_SIGMOID,
+}
 
 # PIL.Image.Resampling values, as preprocessor_config.json stores them.
 _INTERPOLATIONS: dict[int, pb.Interpolation.ValueType] = {

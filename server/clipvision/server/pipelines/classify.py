@@ -1,8 +1,9 @@
-"""Zero-shot Classify: one image against candidate labels, scored as CLIPModel does.
+"""Zero-shot Classify: one image against candidate labels, scored as the model's family does.
 
 The image goes through the image pipeline and the labels missing from the model's
-label cache through the text pipeline, concurrently; the scores are the softmax of
-``logit_scale * cosine`` over the labels, in the order given.
+label cache through the text pipeline, concurrently; the scores, in the order given,
+are CLIP's softmax of ``logit_scale * cosine`` over the labels, or SigLIP's sigmoid of
+``logit_scale * cosine + logit_bias`` per label (runtime.families.Score).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from clipvision.server.errors import InvalidRequestError, Reason
 from clipvision.server.pipelines.gather import all_or_none
 from clipvision.server.pipelines.images import ImagePipeline
 from clipvision.server.pipelines.texts import TextPipeline, TextVector
+from clipvision.server.runtime.families import Score
 from clipvision.server.runtime.image_encoder import FloatArray
 from clipvision.server.runtime.label_cache import LabelVector
 from clipvision.server.runtime.models import ServedModel, TextModel
@@ -29,6 +31,8 @@ class LabelScores:
     probabilities: FloatArray
     cosines: FloatArray
     truncated: list[bool]
+    score: Score = Score.SOFTMAX
+    """Which probabilities: a softmax over the labels, or a sigmoid per label."""
 
 
 class ClassifyPipeline:
@@ -48,7 +52,8 @@ class ClassifyPipeline:
         truncate: bool,
         deadline: float | None,
     ) -> LabelScores:
-        """Score ``image`` against ``labels`` as ``CLIPModel(...).logits_per_image.softmax(-1)``.
+        """Score ``image`` against ``labels`` as the model does: CLIPModel's
+        ``logits_per_image.softmax(-1)``, SiglipModel's ``sigmoid(logits_per_image)``.
 
         The image and the labels missing from the cache are embedded concurrently;
         the label vectors computed are cached for the next call.
@@ -73,13 +78,25 @@ class ClassifyPipeline:
 
 
 def score(tower: TextModel, image: FloatArray, labels: list[LabelVector]) -> LabelScores:
-    """Cosines and the softmax of ``logit_scale * cosine``, in float32 as CLIPModel does."""
+    """Cosines and the family's probabilities, in float32 as the model computes them: the
+    softmax of ``logit_scale * cosine`` (CLIP), or ``sigmoid(logit_scale * cosine +
+    logit_bias)`` for each label on its own (SigLIP)."""
+    text = tower.encoder.tower
     matrix = np.stack([label.vector for label in labels])
     cosines = (matrix @ image).astype(np.float32)
-    logits = cosines * np.float32(tower.encoder.tower.logit_scale)
-    shifted = np.exp(logits - logits.max())
-    probabilities = (shifted / shifted.sum()).astype(np.float32)
-    return LabelScores(probabilities, cosines, [label.truncated for label in labels])
+    logits = cosines * np.float32(text.logit_scale)
+    kind = text.family.score
+    if kind is Score.SIGMOID:
+        logits = logits + np.float32(text.logit_bias or 0.0)
+        # Written so that exp never overflows, whatever the sign of the logit.
+        magnitude = np.exp(-np.abs(logits))
+        probabilities = np.where(
+            logits >= 0, 1 / (1 + magnitude), magnitude / (1 + magnitude)
+        ).astype(np.float32)
+    else:
+        shifted = np.exp(logits - logits.max())
+        probabilities = (shifted / shifted.sum()).astype(np.float32)
+    return LabelScores(probabilities, cosines, [label.truncated for label in labels], kind)
 
 
 def check_labels(labels: list[str], template: str, limit: int, max_text_bytes: int) -> None:

@@ -29,11 +29,7 @@ import PIL
 import torch
 from PIL import Image
 
-from clipvision.server.runtime.preprocess import (
-    MAX_RESIZED_PIXELS,
-    PreprocessConfig,
-    resized_size,
-)
+from clipvision.server.runtime.preprocess import MAX_RESIZED_PIXELS, PreprocessConfig
 
 PRECISION_BITS = 32 - 8 - 2
 _ROUNDING = float(1 << (PRECISION_BITS - 1))
@@ -262,9 +258,9 @@ def crop(pixels: torch.Tensor, left: int, top: int, width: int, height: int) -> 
 
 
 class DeviceGeometry:
-    """ClipPreprocessor.pixels' geometry (resize the shortest edge, centre-crop) on a device,
-    for full-size RGB pixels; the plans of each input size are kept (their weights are
-    small: a few hundred by a few thousand)."""
+    """ClipPreprocessor.pixels' geometry on a device, for full-size RGB pixels: CLIP's (the
+    shortest edge resized, a centre crop) or SigLIP's (resized straight to H x W); the plans
+    of each input size are kept (their weights are small: a few hundred by a few thousand)."""
 
     def __init__(self, config: PreprocessConfig) -> None:
         if not supports(config):
@@ -295,7 +291,7 @@ class DeviceGeometry:
         """The resize of ClipPreprocessor._resize_and_crop, and for its box path the crop
         of the resized part (left, top); the plain path crops the centre afterwards."""
         config = self.config
-        new_width, new_height = resized_size(width, height, config.shortest_edge)
+        new_width, new_height = config.size_after_resize(width, height)
         crop_w, crop_h = config.crop_width, config.crop_height
         if not config.do_center_crop or new_width * new_height <= MAX_RESIZED_PIXELS:
             if (new_width, new_height) == (width, height):

@@ -127,8 +127,7 @@ class ClipImageEncoder:
         with torch.inference_mode():
             batch = pixels if isinstance(pixels, torch.Tensor) else self._upload(pixels)
             values = self._table[self._channels, batch.long()].to(checkpoint.dtype)
-            embeds: torch.Tensor = checkpoint.model(pixel_values=values).image_embeds
-            return embeds
+            return checkpoint.image_features(values)
 
     def _upload(self, array: UInt8Array) -> torch.Tensor:
         """Host uint8 to the device: through pinned memory on CUDA, so that the copy overlaps.

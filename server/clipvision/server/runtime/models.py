@@ -88,7 +88,7 @@ class ServedModel:
             raise ModalityNotServedError(
                 Reason.MODALITY_NOT_SERVED,
                 f"Model {self.name!r} is served without a text tower ({self.text_missing}); "
-                "serve a full CLIPModel checkpoint with its tokenizer for texts and Classify.",
+                "serve a full checkpoint (both towers) with its tokenizer for texts and Classify.",
             )
         return self.text
 
@@ -302,9 +302,10 @@ class ModelRegistry:
         if self._observer is not None:
             self._observer.on_model_loaded(slot.spec.name, seconds)
         logger.info(
-            "model %s ready in %.1f s: %s, %d-d, %s on %s%s",
+            "model %s ready in %.1f s: %s, %s, %d-d, %s on %s%s",
             slot.spec.name,
             seconds,
+            checkpoint.family.name,
             "images and texts" if text is not None else "images",
             checkpoint.embedding_dim,
             str(checkpoint.dtype).removeprefix("torch."),

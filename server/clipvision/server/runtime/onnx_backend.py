@@ -4,9 +4,12 @@ Each tower (image, text) is exported on its own, with the inputs its batcher
 already produces, so nothing upstream changes: the image graph takes the uint8
 (N, 3, H, W) pixels the queue carries and does the rescale and mean/std by the
 same exact lookup table as the torch path; the text graph takes the padded
-(N, T) token ids and their attention mask. An export runs once per tower
-content and exporter version (offline: it only traces the loaded module) and is
-cached; the session is then checked against torch on a fixed input before it serves.
+(N, T) token ids and their attention mask, or the ids alone for a family whose
+texts are padded to the context without a mask (SigLIP). Each computes what the
+family's get_image_features or get_text_features returns (runtime.families).
+An export runs once per tower content and exporter version (offline: it only
+traces the loaded module) and is cached; the session is then checked against
+torch on a fixed input before it serves.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 
 from clipvision.server.config.limits import ImageLimits
 from clipvision.server.runtime.checkpoint import Checkpoint, TextTower
+from clipvision.server.runtime.families import TextPadding
 from clipvision.server.runtime.image_encoder import ClipImageEncoder, FloatArray
 from clipvision.server.runtime.preprocess import ClipPreprocessor, UInt8Array
 from clipvision.server.runtime.text_encoder import IdArray
@@ -47,6 +51,7 @@ REQUIRED_MODULES = ("onnxruntime", "onnx", "onnxscript")
 EXPORTER_PACKAGES = ("torch", "transformers", "onnx", "onnxscript")
 IMAGE_INPUTS = ("pixels",)
 TEXT_INPUTS = ("input_ids", "attention_mask")
+UNMASKED_TEXT_INPUTS = ("input_ids",)
 IMAGE_OUTPUT = "image_embeds"
 TEXT_OUTPUT = "text_embeds"
 
@@ -85,7 +90,8 @@ class OnnxImageRunner:
 
 @dataclass(frozen=True)
 class OnnxTextRunner:
-    """Runs the exported text tower: int64 (N, T) ids and mask in, float32 (N, D) out."""
+    """Runs the exported text tower: int64 (N, T) ids and mask in, float32 (N, D) out; the
+    mask is not fed to a graph that takes the ids alone."""
 
     session: Any
     path: Path
@@ -93,8 +99,10 @@ class OnnxTextRunner:
 
     def __call__(self, ids: IdArray, mask: IdArray) -> FloatArray:
         """Embed one padded batch; ONNX Runtime releases the GIL while it runs."""
+        wanted = {each.name for each in self.session.get_inputs()}
+        feed = {name: value for name, value in zip(TEXT_INPUTS, (ids, mask), strict=True)}
         (features,) = self.session.run(
-            [TEXT_OUTPUT], dict(zip(TEXT_INPUTS, (ids, mask), strict=True))
+            [TEXT_OUTPUT], {name: value for name, value in feed.items() if name in wanted}
         )
         result: FloatArray = features
         return result
@@ -109,6 +117,7 @@ class _ImageGraph(torch.nn.Module):
     def __init__(self, checkpoint: Checkpoint) -> None:
         super().__init__()
         self.model = checkpoint.model
+        self.family = checkpoint.family
         table = ClipPreprocessor(checkpoint.preprocess).lookup_table  # (3, 256) float32
         # One flat table and a per-channel offset: a single Gather in the graph.
         self.register_buffer("table", torch.from_numpy(table).reshape(-1).clone())
@@ -116,20 +125,26 @@ class _ImageGraph(torch.nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         values = self.table[pixels.long() + self.offsets]
-        embeds: torch.Tensor = self.model(pixel_values=values).image_embeds
-        return embeds
+        return self.family.image_features(self.model, values)
 
 
 class _TextGraph(torch.nn.Module):
-    """What is exported: the text tower and its projection, pooled at each text's end token."""
+    """What is exported: the text tower and its projection or head, pooled as it pools."""
 
     def __init__(self, tower: TextTower) -> None:
         super().__init__()
         self.model = tower.model
+        self.family = tower.family
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        embeds: torch.Tensor = self.model(input_ids=ids, attention_mask=mask).text_embeds
-        return embeds
+        return self.family.text_features(self.model, ids, mask)
+
+
+class _UnmaskedTextGraph(_TextGraph):
+    """The text graph of a family padded to the context with no mask: ids in."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.family.text_features(self.model, ids, None)
 
 
 @dataclass(frozen=True)
@@ -168,12 +183,23 @@ def image_graph(checkpoint: Checkpoint) -> TowerGraph:
 
 
 def text_graph(tower: TextTower) -> TowerGraph:
-    """The text tower: (N, T) ids and mask in, T up to the context length."""
+    """The text tower: (N, T) ids and mask (or the ids alone) in, T up to the context."""
     # Example shapes other than 1 and the context, so that neither axis is specialised.
     length = max(2, tower.context_length // 2)
     ids = torch.zeros((2, length), dtype=torch.int64)
     batch = torch.export.Dim("batch", min=1)
     tokens = torch.export.Dim("tokens", min=1, max=tower.context_length)
+    config = tower.model.config.to_json_string(use_diff=False)
+    if tower.family.padding is TextPadding.CONTEXT:
+        return TowerGraph(
+            "text",
+            _UnmaskedTextGraph(tower).eval(),
+            (ids,),
+            UNMASKED_TEXT_INPUTS,
+            TEXT_OUTPUT,
+            ({0: batch, 1: tokens},),
+            config,
+        )
     return TowerGraph(
         "text",
         _TextGraph(tower).eval(),
@@ -181,7 +207,7 @@ def text_graph(tower: TextTower) -> TowerGraph:
         TEXT_INPUTS,
         TEXT_OUTPUT,
         ({0: batch, 1: tokens}, {0: batch, 1: tokens}),
-        tower.model.config.to_json_string(use_diff=False),
+        config,
     )
 
 
@@ -294,7 +320,9 @@ def text_self_check_input(tower: TextTower) -> tuple[IdArray, IdArray]:
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end)
     context = tower.context_length
     rng = np.random.default_rng(0)
-    ids = rng.integers(0, min(tower.vocab_size, end), size=(2, context), dtype=np.int64)
+    # Any ids but the end token (CLIP's is its last, Gemma's and XLM-R's among the first).
+    ids = rng.integers(0, tower.vocab_size - 1, size=(2, context), dtype=np.int64)
+    ids[ids >= end] += 1
     mask = np.ones((2, context), dtype=np.int64)
     ids[0, -1] = end
     short = max(2, context // 3)
@@ -315,10 +343,11 @@ def image_difference(runner: OnnxImageRunner, checkpoint: Checkpoint) -> float:
 def text_difference(runner: OnnxTextRunner, tower: TextTower) -> float:
     """Largest absolute difference between ONNX Runtime's text features and torch's."""
     ids, mask = text_self_check_input(tower)
+    unmasked = tower.family.padding is TextPadding.CONTEXT
     with torch.inference_mode():
-        expected = tower.model(
-            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
-        ).text_embeds.numpy()
+        expected = tower.features(
+            torch.from_numpy(ids), None if unmasked else torch.from_numpy(mask)
+        ).numpy()
     return float(np.max(np.abs(runner(ids, mask) - expected)))
 
 

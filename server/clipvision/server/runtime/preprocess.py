@@ -1,8 +1,10 @@
-"""Image decoding under operator limits, and CLIP preprocessing identical to transformers'.
+"""Image decoding under operator limits, and preprocessing identical to transformers'.
 
 `decode_image` turns untrusted bytes into a loaded PIL image or an `InvalidImageError`.
 `ClipPreprocessor` turns that image into the float32 (3, H, W) array the vision tower
-takes, bit for bit what `transformers.CLIPImageProcessorPil` computes from the same image:
+takes, bit for bit what the checkpoint's Pillow-backed image processor computes from the
+same image: `transformers.CLIPImageProcessorPil` (the shortest side resized, then a centre
+crop) or `SiglipImageProcessorPil` (resized straight to H x W, the aspect ratio not kept):
 the same PIL calls for RGB conversion, resizing and cropping, and a per-channel lookup
 table that holds the exact float results of its rescale and normalise for each byte value.
 """
@@ -209,7 +211,14 @@ def _unsupported(name: str | None, allowed: frozenset[str]) -> InvalidImageError
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Everything CLIP preprocessing needs, as read from a checkpoint's preprocessor_config.json."""
+    """Everything preprocessing needs, as read from a checkpoint's preprocessor_config.json.
+
+    Two ways to resize: CLIP's (``shortest_edge``: the shortest side to that length, the
+    aspect ratio kept, then usually a centre crop) and SigLIP's (``resize_height`` and
+    ``resize_width``: straight to that size). ``crop_height`` and ``crop_width`` are the
+    size of the pixels the tower takes: the centre crop's, or without one after a resize
+    straight to a size, that size.
+    """
 
     shortest_edge: int
     crop_height: int
@@ -223,16 +232,28 @@ class PreprocessConfig:
     do_rescale: bool = True
     do_normalize: bool = True
     do_convert_rgb: bool = True
+    resize_height: int = 0
+    """Nonzero: resize straight to resize_height x resize_width (SigLIP); shortest_edge is 0."""
+    resize_width: int = 0
 
     @classmethod
     def from_image_processor(cls, processor: Any) -> PreprocessConfig:
-        """Read a transformers CLIPImageProcessor(Pil); only shortest-edge resizing is accepted."""
+        """Read a transformers CLIPImageProcessor(Pil) or SiglipImageProcessor(Pil): the size
+        is either ``{'shortest_edge': N}`` or ``{'height': H, 'width': W}``."""
         size = dict(processor.size or {})
-        if set(size) != {"shortest_edge"}:
+        if set(size) == {"shortest_edge"}:
+            shortest, height, width = int(size["shortest_edge"]), 0, 0
+        elif set(size) == {"height", "width"}:
+            shortest, height, width = 0, int(size["height"]), int(size["width"])
+        else:
             raise ValueError(
-                f"size must be {{'shortest_edge': N}} as in every CLIP checkpoint, got {size}"
+                "size must be {'shortest_edge': N} as in CLIP checkpoints or "
+                f"{{'height': H, 'width': W}} as in SigLIP ones, got {size}"
             )
+        do_center_crop = bool(processor.do_center_crop)
         crop = dict(processor.crop_size or {})
+        if height and not do_center_crop:
+            crop = {"height": height, "width": width}
         if "height" not in crop or "width" not in crop:
             raise ValueError(f"crop_size must have height and width, got {crop}")
         resample = processor.resample
@@ -241,7 +262,7 @@ class PreprocessConfig:
         if not isinstance(resample, int):
             raise ValueError(f"resample must be a PIL.Image.Resampling value, got {resample!r}")
         return cls(
-            shortest_edge=int(size["shortest_edge"]),
+            shortest_edge=shortest,
             crop_height=int(crop["height"]),
             crop_width=int(crop["width"]),
             resample=int(resample),
@@ -249,10 +270,12 @@ class PreprocessConfig:
             mean=_three(processor.image_mean, "image_mean"),
             std=_three(processor.image_std, "image_std"),
             do_resize=bool(processor.do_resize),
-            do_center_crop=bool(processor.do_center_crop),
+            do_center_crop=do_center_crop,
             do_rescale=bool(processor.do_rescale),
             do_normalize=bool(processor.do_normalize),
             do_convert_rgb=bool(processor.do_convert_rgb),
+            resize_height=height,
+            resize_width=width,
         )
 
     @classmethod
@@ -267,6 +290,29 @@ class PreprocessConfig:
             mean=OPENAI_CLIP_MEAN,
             std=OPENAI_CLIP_STD,
         )
+
+    @classmethod
+    def siglip(cls, image_size: int = 224) -> PreprocessConfig:
+        """SigLIP's preprocessing at one resolution (bicubic straight to a square, mean = std =
+        0.5), for checkpoints made with random weights."""
+        return cls(
+            shortest_edge=0,
+            crop_height=image_size,
+            crop_width=image_size,
+            resample=int(Image.Resampling.BICUBIC),
+            rescale_factor=1 / 255,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+            do_center_crop=False,
+            resize_height=image_size,
+            resize_width=image_size,
+        )
+
+    def size_after_resize(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of a ``width`` x ``height`` image once resized, before any crop."""
+        if self.resize_height:
+            return self.resize_width, self.resize_height
+        return resized_size(width, height, self.shortest_edge)
 
 
 def _three(value: Any, name: str) -> tuple[float, float, float]:
@@ -290,7 +336,7 @@ class ClipPreprocessor:
         self.lookup_table = _pixel_lut(config)
 
     def __call__(self, image: Image.Image) -> FloatArray:
-        """Convert to RGB, resize the shortest edge, centre-crop, rescale and normalise."""
+        """Convert to RGB, resize (and centre-crop) as the checkpoint says, rescale, normalise."""
         return self.normalize(self.pixels(image))
 
     def rgb(self, image: Image.Image) -> UInt8Array:
@@ -320,7 +366,7 @@ class ClipPreprocessor:
     def _resize_and_crop(self, image: Image.Image) -> Image.Image:
         config = self.config
         width, height = image.size
-        new_width, new_height = resized_size(width, height, config.shortest_edge)
+        new_width, new_height = config.size_after_resize(width, height)
         crop_w, crop_h = config.crop_width, config.crop_height
         if not config.do_center_crop or new_width * new_height <= MAX_RESIZED_PIXELS:
             if (new_width, new_height) != image.size:
@@ -365,7 +411,7 @@ def decode_working_set(probed: ProbedImage, config: PreprocessConfig) -> int:
     rotated = stored if _may_rotate(image) else 0
     per_pixel = stored + max(converted, rotated, 4 if probed.mode in _UNPREMULTIPLIED else 0)
     per_pixel += _DECODER_BYTES.get(probed.format, 0)
-    out_w, out_h = resized_size(width, height, config.shortest_edge)
+    out_w, out_h = config.size_after_resize(width, height)
     if config.do_center_crop and out_w * out_h > MAX_RESIZED_PIXELS:
         out_w, out_h = config.crop_width, config.crop_height
     # PIL resamples horizontally first, into out_w x (the source rows it needs), then vertically.
@@ -406,7 +452,7 @@ def output_bytes(probed: ProbedImage, config: PreprocessConfig) -> int:
     if config.do_center_crop:
         return 3 * config.crop_width * config.crop_height
     if config.do_resize:
-        width, height = resized_size(probed.width, probed.height, config.shortest_edge)
+        width, height = config.size_after_resize(probed.width, probed.height)
         return 3 * width * height
     return 3 * probed.pixels
 

@@ -2,21 +2,28 @@
 
 The stages are plain synchronous functions, like the image encoder's: the text
 pipeline tokenizes in the preprocessing pool and the batcher runs ``embed_batch``
-on the device thread. The tokenizer is the checkpoint's own (transformers'
-CLIPTokenizer, the one CLIPProcessor uses), so ids match the reference exactly.
+on the device thread. The tokenizer is the checkpoint's own (what its processor
+uses: CLIPTokenizer, SigLIP's SentencePiece one, Gemma's, XLM-R's), cut to the
+context as ``tokenizer(text, truncation=True, max_length=context)`` cuts, so ids
+match the reference exactly; the batch is padded as the family says
+(runtime.families): to its longest text with a mask, or to the full context
+without one (SigLIP), on the side the tokenizer pads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
+from tokenizers import Tokenizer
 
 from clipvision.server.errors import InvalidTextError, Reason
 from clipvision.server.runtime.checkpoint import TextTower
+from clipvision.server.runtime.families import TextPadding
 from clipvision.server.runtime.image_encoder import FloatArray
 
 IdArray = npt.NDArray[np.int64]
@@ -34,7 +41,7 @@ class TokenizedText:
 
 
 class ClipTextEncoder:
-    """The stages of embedding a text with one loaded text tower."""
+    """The stages of embedding a text with one loaded text tower, of any family."""
 
     def __init__(
         self,
@@ -52,12 +59,14 @@ class ClipTextEncoder:
         self.runner = runner
         self.backend = "torch" if runner is None else "onnxruntime"
         tokenizer = tower.tokenizer
-        # The Rust tokenizer CLIPTokenizer wraps: same normaliser, pre-tokenizer, BPE and
-        # special tokens, without the Python wrapper's per-call overhead.
-        self._backend = tokenizer.backend_tokenizer
+        self._ids = _token_ids(tokenizer, tower.context_length)
         self._pad_id = int(
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
+        self._to_context = tower.family.padding is TextPadding.CONTEXT
+        # Only texts padded to the context follow the tokenizer's side: padding on the
+        # left of a text padded to the longest would move its tokens with its batch.
+        self._pad_left = self._to_context and tokenizer.padding_side == "left"
 
     @property
     def context_length(self) -> int:
@@ -82,42 +91,42 @@ class ClipTextEncoder:
     def tokenize(self, text: str, truncate: bool) -> TokenizedText:
         """Token ids of ``text``, cut to the context unless ``truncate`` is false (then refused).
 
-        Cut as CLIPTokenizer(truncation=True, max_length=context) cuts: the first
-        ``context - 2`` tokens of the text between the start and end tokens.
+        Cut as the tokenizer cuts with ``truncation=True, max_length=context``: its first
+        tokens, with the special tokens the tokenizer adds kept.
         """
-        ids = self._backend.encode(text).ids
-        limit = self.context_length
-        truncated = len(ids) > limit
-        if truncated:
-            if not truncate:
-                raise InvalidTextError(
-                    Reason.TEXT_TOO_LONG,
-                    f"The text is {len(ids)} tokens and model {self.name!r} reads at most "
-                    f"{limit} (start and end tokens included); shorten it, or send it with "
-                    "truncate unset to embed its first tokens.",
-                )
-            ids = [*ids[: limit - 1], ids[-1]]
+        ids, total = self._ids(text)
+        truncated = total > len(ids)
+        if truncated and not truncate:
+            raise InvalidTextError(
+                Reason.TEXT_TOO_LONG,
+                f"The text is {total} tokens and model {self.name!r} reads at most "
+                f"{self.context_length} (start and end tokens included); shorten it, or send "
+                "it with truncate unset to embed its first tokens.",
+            )
         return TokenizedText(np.asarray(ids, dtype=np.int64), truncated)
 
     def embed_batch(self, texts: list[IdArray]) -> FloatArray:
-        """Forward a batch padded to its longest text, and copy the features to the host.
+        """Forward a padded batch, and copy the features to the host.
 
-        One call on the device thread: padding positions are masked, and the tower
-        pools at each text's own end token, so padding changes nothing.
+        One call on the device thread. Padded to the longest text with its positions
+        masked (the tower pools at each text's own end token, so padding changes
+        nothing), or, for a family padded to the context, every text to the full
+        context with no mask, as the model was trained.
         """
-        longest = max(len(ids) for ids in texts)
-        ids = np.full((len(texts), longest), self._pad_id, dtype=np.int64)
-        mask = np.zeros((len(texts), longest), dtype=np.int64)
+        width = self.context_length if self._to_context else max(len(ids) for ids in texts)
+        ids = np.full((len(texts), width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(texts), width), dtype=np.int64)
         for row, text in enumerate(texts):
-            ids[row, : len(text)] = text
-            mask[row, : len(text)] = 1
+            span = slice(width - len(text), width) if self._pad_left else slice(0, len(text))
+            ids[row, span] = text
+            mask[row, span] = 1
         if self.runner is not None:
             return self.runner(ids, mask)
         with torch.inference_mode():
-            embeds: torch.Tensor = self.tower.model(
-                input_ids=torch.from_numpy(ids).to(self.device),
-                attention_mask=torch.from_numpy(mask).to(self.device),
-            ).text_embeds
+            embeds = self.tower.features(
+                torch.from_numpy(ids).to(self.device),
+                None if self._to_context else torch.from_numpy(mask).to(self.device),
+            )
             host: FloatArray = embeds.to(device="cpu", dtype=torch.float32).numpy()
         return host
 
@@ -125,3 +134,49 @@ class ClipTextEncoder:
         """Run the tower once per batch size at full context length."""
         for size in batch_sizes:
             self.embed_batch([np.full(self.context_length, self._pad_id, np.int64)] * size)
+
+
+# A text's ids (cut to the context) and how many tokens it has uncut.
+TokenIds = Callable[[str], tuple[list[int], int]]
+
+
+def _token_ids(tokenizer: Any, context: int) -> TokenIds:
+    """How to tokenize one text as ``tokenizer(text, truncation=True, max_length=context)``.
+
+    A tokenizer backed by the Rust library runs on private copies of its Rust tokenizer,
+    without the Python wrapper's per-call overhead; the wrapper would also reconfigure
+    the shared Rust tokenizer's truncation on every call, which threads must not race
+    on. A Python (SentencePiece) tokenizer is called as its model card calls it.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return _python_ids(tokenizer, context)
+    whole = Tokenizer.from_str(backend.to_str())
+    whole.no_truncation()
+    whole.no_padding()
+    cut = Tokenizer.from_str(backend.to_str())
+    cut.no_padding()
+    cut.enable_truncation(context, strategy="longest_first", direction=tokenizer.truncation_side)
+    split = bool(getattr(tokenizer, "split_special_tokens", False))
+    whole.encode_special_tokens = cut.encode_special_tokens = split
+
+    def ids(text: str) -> tuple[list[int], int]:
+        full: list[int] = whole.encode(text).ids
+        if len(full) <= context:
+            return full, len(full)
+        kept: list[int] = cut.encode(text).ids
+        return kept, len(full)
+
+    return ids
+
+
+def _python_ids(tokenizer: Any, context: int) -> TokenIds:
+    def ids(text: str) -> tuple[list[int], int]:
+        # verbose=False: an over-long text is expected here, not worth the wrapper's warning.
+        full: list[int] = tokenizer(text, verbose=False)["input_ids"]
+        if len(full) <= context:
+            return full, len(full)
+        kept: list[int] = tokenizer(text, truncation=True, max_length=context)["input_ids"]
+        return kept, len(full)
+
+    return ids
