@@ -26,9 +26,9 @@ from PIL import Image
 
 from clipvision.inference_v2 import grpc_service_pb2 as oip
 from clipvision.inference_v2 import grpc_service_pb2_grpc as oip_grpc
-from clipvision.server.api.inference_service import split_bytes
 from clipvision.server.app import ClipVisionServer
 from clipvision.server.config.settings import Settings
+from clipvision.server.pipelines.inference_plane import split_bytes
 from clipvision.server.runtime.image_encoder import ClipImageEncoder, FloatArray
 from clipvision.server.runtime.preprocess import UInt8Array
 from clipvision.v1 import embedding_service_pb2 as pb

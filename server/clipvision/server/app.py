@@ -29,7 +29,9 @@ from clipvision.server.ops.health import HealthReporter
 from clipvision.server.ops.metrics import ServerMetrics
 from clipvision.server.ops.threads import name_this_thread
 from clipvision.server.ops.watchdog import DeviceWatchdog
+from clipvision.server.pipelines.embedding_plane import EmbeddingPlane
 from clipvision.server.pipelines.images import ImagePipeline
+from clipvision.server.pipelines.inference_plane import InferencePlane
 from clipvision.server.pipelines.sources import ImageSources
 from clipvision.server.pipelines.texts import TextPipeline
 from clipvision.server.resources.allocator import MemoryTrimmer
@@ -177,9 +179,18 @@ class ClipVisionServer:
         # One pipeline per modality, shared by every service on the port.
         self.images = ImagePipeline(self.sources, self.registry.budget, preprocessing, self.metrics)
         self.texts = TextPipeline(self.registry.budget, preprocessing, self.metrics)
-        self._servicer = EmbeddingServicer(
+        # The protocols' data planes: gRPC's servicers and the HTTP routes call the same ones.
+        self.embedding = EmbeddingPlane(
             self.registry, self.images, self.texts, service_limits(settings), self.metrics
         )
+        self.inference = InferencePlane(
+            self.registry,
+            self.images,
+            self.texts,
+            service_limits(settings),
+            lazy=settings.lazy_load,
+        )
+        self._servicer = EmbeddingServicer(self.embedding)
         self.listener = GrpcListener(
             self._build_grpc_server(),
             settings.address,
@@ -198,15 +209,7 @@ class ClipVisionServer:
         )
         pb_grpc.add_EmbeddingServiceServicer_to_server(self._servicer, server)
         add_oip_service(
-            InferenceServicer(
-                self.registry,
-                self.images,
-                self.texts,
-                self.health,
-                service_limits(self.settings),
-                lazy=self.settings.lazy_load,
-                observer=self.metrics,
-            ),
+            InferenceServicer(self.inference, self.health, observer=self.metrics),
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
