@@ -139,7 +139,9 @@ class HttpExchange:
             fault.code.name,
             fault.reason,
         )
-        return _with_headers(render(fault), fault.headers())
+        # Refused before its body was read (or while): the connection cannot carry another
+        # request, and a slow sender must not keep it.
+        return _with_headers(render(fault), {**fault.headers(), "connection": "close"})
 
     async def _answer(
         self,
