@@ -107,7 +107,7 @@ async def test_openai_sdk_images_equal_grpc(http_pair: Pair) -> None:
         )
         mixed = await client.embeddings.create(
             model="tiny",
-            input=[{"image": uris[0]}, {"text": TEXTS[0]}, {"image": uris[2]}],  # type: ignore[list-item]
+            input=[{"image": uris[0]}, {"text": TEXTS[0]}, {"image": uris[2]}],  # type: ignore[arg-type]
         )
     got = np.array([item.embedding for item in infinity.data], np.float32)
     np.testing.assert_array_equal(got, expected)
