@@ -23,6 +23,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/clipvision/bin:$PATH \
     CLIPVISION_ADDRESS=0.0.0.0:50051 \
+    CLIPVISION_HTTP_ADDRESS=0.0.0.0:8000 \
     HF_HOME=/cache/huggingface
 RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /cache clipvision \
     && mkdir -p /cache/huggingface \
@@ -31,7 +32,8 @@ COPY --from=build /opt/clipvision /opt/clipvision
 # Downloaded checkpoints live here: mount a volume so a restart does not download again.
 VOLUME ["/cache"]
 USER 10001:10001
-EXPOSE 50051
+# gRPC, and HTTP (OpenAI's /v1/embeddings, KServe v2 REST, Weaviate, JSON).
+EXPOSE 50051 8000
 # Docker has no native gRPC probe: ask grpc.health.v1 (SERVING once the model is warm).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
     CMD ["clipvision-healthcheck", "--timeout", "4"]

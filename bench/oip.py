@@ -27,7 +27,7 @@ cores from the server. The issue's target is a protocol cost under 5 %.
 3. framing: in a child process, without a model or a network, the server's own
    conversion of one 16-image request and its response, for each protocol:
    parsing the request's bytes, the OIP servicer's tensor checks and split
-   (clipvision.server.api.inference_service), the images as the pipeline reads them, and the
+   (clipvision.server.pipelines.inference_plane), the images as the pipeline reads them, and the
    response built and serialised. This is the whole of what the protocol layer adds
    on the server; beside the server's CPU per image it says what share it can be.
 
@@ -212,7 +212,7 @@ def framing(images: list[bytes], repeats: int) -> dict[str, float]:
     built and serialised as each servicer builds it.
     """
     from clipvision.inference_v2 import grpc_service_pb2 as oip
-    from clipvision.server.api.inference_service import OUTPUT, _elements
+    from clipvision.server.pipelines.inference_plane import OUTPUT, _elements
 
     vectors = np.random.default_rng(0).standard_normal((IMAGES_PER_CALL, 512)).astype("<f4")
     batch = images[:IMAGES_PER_CALL]

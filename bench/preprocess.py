@@ -96,7 +96,7 @@ def with_processes(workers: int, seconds: float) -> float:
     ]
     for process in processes:
         process.start()
-    total = sum(queue.get() for _ in processes)
+    total = sum(int(queue.get()) for _ in processes)
     for process in processes:
         process.join()
     return total / seconds

@@ -7,6 +7,7 @@ stdin, runs each step against ADDRESS and prints one JSON result per step:
 
     python tests/oip_clients.py 127.0.0.1:50051 < plan.json
     python tests/oip_clients.py 127.0.0.1:50051 kserve < plan.json     # kserve's client
+    python tests/oip_clients.py 127.0.0.1:8000 triton-http < plan.json  # tritonclient.http
     python tests/oip_clients.py deploy/kserve/inferenceservice.yaml kserve-manifest
 
 A step is ``{"kind": ..., ...}``; element lists name files whose bytes are sent.
@@ -151,6 +152,60 @@ async def _aio(address: str, model: str, inputs: list[Any]) -> Result:
         return {"ready": ready, **_vectors(await client.infer(model, inputs))}
 
 
+def triton_http(address: str, steps: list[dict[str, Any]]) -> list[Result]:
+    """Run each step with tritonclient.http against the server's HTTP address: "health",
+    "describe", and "infer" of files (IMAGE) or texts (TEXT), with binary data on or off."""
+    import tritonclient.http as triton_rest
+    from tritonclient.utils import InferenceServerException
+
+    results: list[Result] = []
+    client = triton_rest.InferenceServerClient(address)
+    try:
+        for step in steps:
+            kind = step["kind"]
+            try:
+                if kind == "health":
+                    results.append(
+                        {
+                            "live": client.is_server_live(),
+                            "ready": client.is_server_ready(),
+                            "models": {
+                                name: client.is_model_ready(name) for name in step["models"]
+                            },
+                        }
+                    )
+                elif kind == "describe":
+                    name = step["model"]
+                    results.append(
+                        {
+                            "server": client.get_server_metadata(),
+                            "metadata": client.get_model_metadata(name),
+                            "config": client.get_model_config(name),
+                        }
+                    )
+                elif kind == "infer":
+                    if "texts" in step:
+                        data = np.array([t.encode() for t in step["texts"]], dtype=np.object_)
+                    else:
+                        data = _elements(step)
+                    tensor = triton_rest.InferInput(
+                        step.get("input", "IMAGE"), [len(data)], "BYTES"
+                    )
+                    tensor.set_data_from_numpy(data, binary_data=step["binary_in"])
+                    output = triton_rest.InferRequestedOutput(
+                        "EMBEDDING", binary_data=step["binary_out"]
+                    )
+                    result = client.infer(step["model"], [tensor], outputs=[output])
+                    results.append(_vectors(result))
+                else:
+                    raise SystemExit(f"unknown step kind {kind!r}")
+            except InferenceServerException as exc:
+                results.append(_failure(exc))
+    finally:
+        client.close()
+    return results
+
+
 def kserve(address: str, steps: list[dict[str, Any]]) -> list[Result]:
     """Run "infer" steps with kserve's InferenceGRPCClient (needs the kserve package)."""
     from kserve import InferenceGRPCClient, InferInput, InferRequest
@@ -223,7 +278,8 @@ def main() -> None:
         json.dump(kserve_manifest(Path(sys.argv[1])), sys.stdout)
         return
     address, steps = sys.argv[1], json.load(sys.stdin)
-    results = kserve(address, steps) if client == "kserve" else triton(address, steps)
+    drivers = {"kserve": kserve, "triton-http": triton_http}
+    results = drivers.get(client, triton)(address, steps)
     json.dump(results, sys.stdout)
 
 

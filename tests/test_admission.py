@@ -25,8 +25,8 @@ from grpc_status import rpc_status
 from PIL import Image
 from prometheus_client import generate_latest
 
-from clipvision.server.api import call_context
 from clipvision.server.config.settings import Settings
+from clipvision.server.pipelines import scope as call_scope
 from clipvision.server.runtime.image_encoder import ClipImageEncoder
 from clipvision.server.runtime.preprocess import ProbedImage, UInt8Array
 from clipvision.v1 import embedding_service_pb2 as pb
@@ -260,7 +260,7 @@ async def test_a_greedy_caller_cannot_lock_out_another(
     # stay free), and the wait bound is generous for the same reason.
     spy = DecodeSpy(delay_s=0.15)
     spy.install(monkeypatch)
-    monkeypatch.setattr(call_context, "UNARY_WAIT_S", 5.0)
+    monkeypatch.setattr(call_scope, "UNARY_WAIT_S", 5.0)
     # The greedy caller's streams fill the model's queue as well as the memory budget.
     settings = budget_settings(base_settings, max_queue_size=4, max_batch_images=4)
     async with (

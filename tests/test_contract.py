@@ -67,6 +67,11 @@ def test_every_rpc_uses_its_own_request_and_response() -> None:
 
 # Reasons that only ever fail a whole call and never come back in an ItemError, and why.
 CALL_LEVEL_ONLY = {
+    # The HTTP routes only: the body, the request's timeout, OpenAI's options we refuse.
+    "REQUEST_TOO_LARGE",
+    "DEADLINE_EXCEEDED",
+    "INPUT_TOKENS_UNSUPPORTED",
+    "DIMENSIONS_UNSUPPORTED",
     "METHOD_NOT_FOUND",  # no such method (or an Open Inference Protocol RPC not implemented)
     # The call gate, before the request reaches a handler.
     "UNAUTHENTICATED",

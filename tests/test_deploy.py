@@ -88,7 +88,7 @@ def test_the_service_is_headless_and_the_autoscaler_targets_the_deployment() -> 
         service["spec"]["selector"].items()
         <= deployment["spec"]["template"]["metadata"]["labels"].items()
     )
-    assert {port["targetPort"] for port in service["spec"]["ports"]} == {"grpc", "metrics"}
+    assert {port["targetPort"] for port in service["spec"]["ports"]} == {"grpc", "http", "metrics"}
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
     assert hpa["spec"]["minReplicas"] >= 2  # a drain never leaves nobody serving

@@ -23,7 +23,8 @@ The convention, for whoever writes the docs:
 - Exactly one block is marked ``<!-- doc-test: server -->``: the ``scripts/serve`` line that
   starts the server the other blocks talk to. This test starts ``clipvision-server`` with
   the same flags, once for the module, on free ports; every block has the addresses that
-  line names (``--address``, default 127.0.0.1:50051, and ``--metrics-address``) replaced
+  line names (``--address``, default 127.0.0.1:50051, ``--metrics-address`` and
+  ``--http-address``) replaced
   by the real ones, and ``CLIPVISION_SERVER`` set to the server.
 
 A block passes when it exits with status 0. Write examples that fail loudly: let Python
@@ -197,9 +198,12 @@ def doc_server() -> Iterator[DocServer]:
     (block,) = [block for block in BLOCKS if block.marker == "server"]
     argv, doc_address = take_flag(serve_argv(block), "--address")
     argv, doc_metrics = take_flag(argv, "--metrics-address")
+    argv, doc_http = take_flag(argv, "--http-address")
     argv += ["--address", "127.0.0.1:0"]
     if doc_metrics is not None:
         argv += ["--metrics-address", "127.0.0.1:0"]
+    if doc_http is not None:
+        argv += ["--http-address", "127.0.0.1:0"]
     process = subprocess.Popen(
         [sys.executable, "-m", "clipvision.server.cli", *argv],
         stdin=subprocess.DEVNULL,
@@ -221,6 +225,8 @@ def doc_server() -> Iterator[DocServer]:
                     ports["grpc"] = match[1]
                 if match := re.search(r"metrics on http://(\S+:\d+)/metrics", line):
                     ports["metrics"] = match[1]
+                if match := re.search(r"http on http://(\S+:\d+)$", line.strip()):
+                    ports["http"] = match[1]
                 found.notify_all()
         with found:
             found.notify_all()
@@ -236,6 +242,8 @@ def doc_server() -> Iterator[DocServer]:
         server.addresses[doc_address or DEFAULT_ADDRESS] = ports["grpc"]
         if doc_metrics is not None:
             server.addresses[doc_metrics] = ports["metrics"]
+        if doc_http is not None:
+            server.addresses[doc_http] = ports["http"]
         serving = False
         with grpc.insecure_channel(ports["grpc"]) as channel:
             health = health_pb2_grpc.HealthStub(channel)

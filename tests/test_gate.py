@@ -46,7 +46,8 @@ def _port(server: ClipVisionServer) -> int:
 
 def _refused(server: ClipVisionServer, method: str, code: str, reason: str) -> float:
     value = server.metrics.registry.get_sample_value(
-        "clipvision_refused_calls_total", {"method": method, "code": code, "reason": reason}
+        "clipvision_refused_calls_total",
+        {"protocol": "grpc", "method": method, "code": code, "reason": reason},
     )
     return value or 0.0
 
@@ -107,6 +108,7 @@ async def test_a_path_that_is_not_utf8_is_refused_and_the_process_serves_on(
         refused = value(
             await scrape(metrics_port),
             "clipvision_refused_calls_total",
+            protocol="grpc",
             method="unknown",
             code="UNIMPLEMENTED",
             reason="METHOD_NOT_FOUND",
@@ -348,13 +350,13 @@ async def test_a_deadline_passing_in_the_server_counts_as_deadline_exceeded(
                 pass
         assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         await feed.queue.put(None)
-        labels = {"method": "EmbedImageStream", "code": "DEADLINE_EXCEEDED"}
+        labels = {"protocol": "grpc", "method": "EmbedImageStream", "code": "DEADLINE_EXCEEDED"}
         for _ in range(100):  # the server learns of the deadline on its own clock
             if server.metrics.registry.get_sample_value("clipvision_requests_total", labels):
                 break
             await asyncio.sleep(0.05)
         assert server.metrics.registry.get_sample_value("clipvision_requests_total", labels) == 1
-        cancelled = {"method": "EmbedImageStream", "code": "CANCELLED"}
+        cancelled = {"protocol": "grpc", "method": "EmbedImageStream", "code": "CANCELLED"}
         assert not server.metrics.registry.get_sample_value("clipvision_requests_total", cancelled)
 
 

@@ -1,8 +1,8 @@
 """The server's folders are its architecture: imports run downward only.
 
-wire -> api | batch -> pipelines -> runtime -> resources, each room importing only its
-own modules and the rooms below it; rooms of one tier (api and batch, the two surfaces
-over the pipelines and runtime) import none of each other, and batch, reached from the
+wire -> api | batch | http -> pipelines -> runtime -> resources, each room importing only
+its own modules and the rooms below it; rooms of one tier (api, batch and http, the
+surfaces over the pipelines and runtime) import none of each other, and batch, reached from the
 command line, is imported by no room at all; every room may use errors, config and ops,
 which import no room (config only errors, ops only errors and config). app.py and cli.py,
 at the top, compose everything. A new module goes into a room, not beside app.py.
@@ -20,7 +20,7 @@ PACKAGE = "clipvision.server"
 
 # Top to bottom, tier by tier: a room may import its own modules and the rooms of the tiers
 # after its own; the rooms of one tier are siblings and import none of each other.
-TIERS = (("wire",), ("api", "batch"), ("pipelines",), ("runtime",), ("resources",))
+TIERS = (("wire",), ("api", "batch", "http"), ("pipelines",), ("runtime",), ("resources",))
 LAYERS = tuple(room for tier in TIERS for room in tier)
 # Surfaces of their own, reached from the entry points only: no room imports them.
 ENTRY_ONLY = frozenset({"batch"})

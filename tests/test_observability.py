@@ -52,12 +52,26 @@ async def test_metrics_count_calls_by_code_and_time_every_stage(live: LiveServer
         reason = response.results[1].error.reason
         assert reason.startswith("IMAGE_")
     samples = await scrape(live.server.metrics_port)
-    assert value(samples, "clipvision_requests_total", method="EmbedImage", code="OK") == 1
     assert (
-        value(samples, "clipvision_requests_total", method="EmbedImage", code="INVALID_ARGUMENT")
+        value(samples, "clipvision_requests_total", protocol="grpc", method="EmbedImage", code="OK")
         == 1
     )
-    assert value(samples, "clipvision_requests_total", method="EmbedImages", code="OK") == 1
+    assert (
+        value(
+            samples,
+            "clipvision_requests_total",
+            protocol="grpc",
+            method="EmbedImage",
+            code="INVALID_ARGUMENT",
+        )
+        == 1
+    )
+    assert (
+        value(
+            samples, "clipvision_requests_total", protocol="grpc", method="EmbedImages", code="OK"
+        )
+        == 1
+    )
     # The in-band failure is counted as an item error, not as a failed call.
     assert value(samples, "clipvision_item_errors_total", reason=reason) == 1
     assert total(samples, "clipvision_request_duration_seconds_count", method="EmbedImage") == 2
@@ -182,7 +196,7 @@ def test_metrics_registry_is_per_server() -> None:
     first.on_call("EmbedImage", "OK", 0.01)
     assert (
         second.registry.get_sample_value(
-            "clipvision_requests_total", {"method": "EmbedImage", "code": "OK"}
+            "clipvision_requests_total", {"protocol": "grpc", "method": "EmbedImage", "code": "OK"}
         )
         is None
     )

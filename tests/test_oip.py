@@ -26,9 +26,9 @@ from PIL import Image
 
 from clipvision.inference_v2 import grpc_service_pb2 as oip
 from clipvision.inference_v2 import grpc_service_pb2_grpc as oip_grpc
-from clipvision.server.api.inference_service import split_bytes
 from clipvision.server.app import ClipVisionServer
 from clipvision.server.config.settings import Settings
+from clipvision.server.pipelines.inference_plane import split_bytes
 from clipvision.server.runtime.image_encoder import ClipImageEncoder, FloatArray
 from clipvision.server.runtime.preprocess import UInt8Array
 from clipvision.v1 import embedding_service_pb2 as pb
@@ -325,7 +325,7 @@ async def test_bytes_contents_and_raw_contents_are_the_same(
     server, channel = server_channel
     stub = oip_grpc.GRPCInferenceServiceStub(channel)
     data = [path.read_bytes() for path in images[:3]]
-    labels = {"method": "ModelInfer", "code": "OK"}
+    labels = {"protocol": "grpc", "method": "ModelInfer", "code": "OK"}
     before = server.metrics.registry.get_sample_value("clipvision_requests_total", labels) or 0
     raw = await stub.ModelInfer(_request(data))
     listed = await stub.ModelInfer(_request(data, contents=data))
@@ -390,7 +390,7 @@ async def test_only_the_protocols_own_rpcs_are_named_as_unimplemented(
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert (name in (caught.value.details() or "")) is named
     # A name the caller makes up never becomes a metrics label.
-    labels = {"method": "NoSuchMethodOfAnyProtocol", "code": "UNIMPLEMENTED"}
+    labels = {"protocol": "grpc", "method": "NoSuchMethodOfAnyProtocol", "code": "UNIMPLEMENTED"}
     assert server.metrics.registry.get_sample_value("clipvision_requests_total", labels) is None
 
 

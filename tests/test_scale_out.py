@@ -221,7 +221,13 @@ async def test_three_replicas_lose_nothing_when_one_is_killed_mid_run(
             await asyncio.to_thread(client.model_info)
             seen = [await scrape(port) for port in metrics_ports]
             if all(
-                value(s, "clipvision_requests_total", method="GetModelInfo", code="OK")
+                value(
+                    s,
+                    "clipvision_requests_total",
+                    protocol="grpc",
+                    method="GetModelInfo",
+                    code="OK",
+                )
                 for s in seen
             ):
                 break

@@ -227,7 +227,10 @@ class ItemError(_message.Message):
     a whole); QUEUE_FULL, MEMORY_BUDGET_FULL (a unary call refused for
     capacity, which a stream waits for instead); SERVER_DRAINING (a draining
     server refuses new calls, and ends a stream once it has answered every
-    item it admitted).
+    item it admitted); REQUEST_TOO_LARGE, DEADLINE_EXCEEDED,
+    INPUT_TOKENS_UNSUPPORTED, DIMENSIONS_UNSUPPORTED (the routes of
+    --http-address only: a body past the limit, a request past its timeout,
+    token ids or a `dimensions` other than the model's on /v1/embeddings).
     """
     message: _builtins.str
     """One human-readable sentence that says what was wrong and what to do."""

@@ -25,11 +25,16 @@ from clipvision.server.api.inference_service import InferenceServicer
 from clipvision.server.api.inference_service import add_to_server as add_oip_service
 from clipvision.server.config.settings import Settings
 from clipvision.server.errors import CheckpointError
+from clipvision.server.http.exchange import HttpExchange, HttpLimits
+from clipvision.server.http.listener import HttpBindError, HttpListener
+from clipvision.server.http.routes import build_app
 from clipvision.server.ops.health import HealthReporter
 from clipvision.server.ops.metrics import ServerMetrics
 from clipvision.server.ops.threads import name_this_thread
 from clipvision.server.ops.watchdog import DeviceWatchdog
+from clipvision.server.pipelines.embedding_plane import EmbeddingPlane
 from clipvision.server.pipelines.images import ImagePipeline
+from clipvision.server.pipelines.inference_plane import InferencePlane
 from clipvision.server.pipelines.sources import ImageSources
 from clipvision.server.pipelines.texts import TextPipeline
 from clipvision.server.resources.allocator import MemoryTrimmer
@@ -177,9 +182,18 @@ class ClipVisionServer:
         # One pipeline per modality, shared by every service on the port.
         self.images = ImagePipeline(self.sources, self.registry.budget, preprocessing, self.metrics)
         self.texts = TextPipeline(self.registry.budget, preprocessing, self.metrics)
-        self._servicer = EmbeddingServicer(
+        # The protocols' data planes: gRPC's servicers and the HTTP routes call the same ones.
+        self.embedding = EmbeddingPlane(
             self.registry, self.images, self.texts, service_limits(settings), self.metrics
         )
+        self.inference = InferencePlane(
+            self.registry,
+            self.images,
+            self.texts,
+            service_limits(settings),
+            lazy=settings.lazy_load,
+        )
+        self._servicer = EmbeddingServicer(self.embedding)
         self.listener = GrpcListener(
             self._build_grpc_server(),
             settings.address,
@@ -187,6 +201,7 @@ class ClipVisionServer:
             on_fatal=self._listener_lost,
             refuse_unregistered=self.gate.refuse_unregistered,
         )
+        self.http: HttpListener | None = None
         self.fatal = asyncio.Event()
         self._stopped = False
         self.metrics_port: int | None = None
@@ -198,15 +213,7 @@ class ClipVisionServer:
         )
         pb_grpc.add_EmbeddingServiceServicer_to_server(self._servicer, server)
         add_oip_service(
-            InferenceServicer(
-                self.registry,
-                self.images,
-                self.texts,
-                self.health,
-                service_limits(self.settings),
-                lazy=self.settings.lazy_load,
-                observer=self.metrics,
-            ),
+            InferenceServicer(self.inference, self.health, observer=self.metrics),
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
@@ -231,14 +238,49 @@ class ClipVisionServer:
         return self.listener.server
 
     def bind(self) -> int:
-        """Listen on the configured address; returns the port (useful with port 0)."""
-        return self.listener.bind()
+        """Listen on the configured addresses (gRPC's, and HTTP's when set); returns gRPC's
+        port (useful with port 0; ``http.port`` is HTTP's). A busy port raises, before any
+        call could be answered."""
+        port = self.listener.bind()
+        if self.settings.http_address is not None:
+            self.http = self._build_http(self.settings.http_address)
+        return port
+
+    def _build_http(self, address: str) -> HttpListener:
+        """HTTP beside gRPC: the same data planes, budget, limits, token, TLS and metrics."""
+        settings = self.settings
+        exchange = HttpExchange(
+            HttpLimits(
+                max_body_bytes=settings.message_limit,
+                read_timeout_s=settings.request_read_timeout_s,
+                timeout_s=settings.http_timeout_s,
+                max_calls=settings.max_concurrent_rpcs,
+            ),
+            self.registry.budget,
+            self.metrics,
+            settings.auth_token,
+        )
+        app = build_app(
+            exchange, self.embedding, self.inference, self.health, settings.http_cors_origins
+        )
+        return HttpListener(
+            app,
+            address,
+            settings.tls,
+            head_timeout_s=settings.request_read_timeout_s,
+            max_connections=settings.max_connections,
+            on_cut=exchange.connection_cut,
+        )
 
     async def start(self) -> None:
         """Start answering calls; health says NOT_SERVING until the models are ready."""
         await self.health.set_serving(False)
         self.gate.start()
         await self.listener.start()
+        if self.http is not None:
+            await self.http.start()
+            host = (self.settings.http_address or "").rpartition(":")[0]
+            logger.info("http on http://%s:%d", host, self.http.port)
         if self.settings.metrics_address is not None:
             self.metrics_port = self.metrics.serve(self.settings.metrics_address)
             host = self.settings.metrics_address.rpartition(":")[0]
@@ -264,7 +306,11 @@ class ClipVisionServer:
         await self.watchdog.stop()
         await self.health.shut_down()
         self.registry.drain()
-        await self.listener.stop(self.settings.grace_period_s if grace is None else grace)
+        grace_s = self.settings.grace_period_s if grace is None else grace
+        if self.http is not None:
+            await asyncio.gather(self.listener.stop(grace_s), self.http.stop(grace_s))
+        else:
+            await self.listener.stop(grace_s)
         await self.gate.stop()
         await self.registry.close()
         self.metrics.close()
@@ -306,7 +352,7 @@ async def serve(settings: Settings) -> int:
     """Run until SIGTERM or SIGINT, then drain; returns the process exit status."""
     try:
         server, port = await create_server(settings)
-    except ListenerError as exc:
+    except (ListenerError, HttpBindError) as exc:
         logger.error("cannot serve: %s", exc)
         return 1
     await server.start()

@@ -73,6 +73,12 @@ class Reason(StrEnum):
     PROMPT_TEMPLATE_INVALID = "PROMPT_TEMPLATE_INVALID"
     # The model is served without the tower a call needs (FAILED_PRECONDITION).
     MODALITY_NOT_SERVED = "MODALITY_NOT_SERVED"
+    # HTTP: a body over --max-message-bytes; a call past its deadline (the Connect-Timeout-Ms
+    # header, or --http-timeout); OpenAI requests this server cannot honour as sent.
+    REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    INPUT_TOKENS_UNSUPPORTED = "INPUT_TOKENS_UNSUPPORTED"
+    DIMENSIONS_UNSUPPORTED = "DIMENSIONS_UNSUPPORTED"
 
 
 ERROR_DOMAIN = "clipvision.dev"

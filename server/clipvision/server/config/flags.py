@@ -72,7 +72,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         prog="clipvision-server",
         description="Serve CLIP embeddings of images and texts, and zero-shot classification, "
         "over gRPC: clipvision.v1.EmbeddingService, and the Open Inference Protocol "
-        "(inference.GRPCInferenceService) on the same port.",
+        "(inference.GRPCInferenceService) on the same port; and over HTTP with --http-address.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
 
@@ -101,6 +101,27 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "--metrics-address",
         defaults.metrics_address,
         "HOST:PORT for Prometheus /metrics over HTTP; off unless given",
+    )
+    option(
+        "--http-address",
+        defaults.http_address,
+        "HOST:PORT for HTTP beside gRPC: OpenAI's /v1/embeddings, KServe v2 REST, Weaviate's "
+        "multi2vec-clip API and JSON for EmbeddingService; off unless given",
+    )
+    parser.add_argument(
+        "--http-cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="let browser pages from ORIGIN (https://app.example.com, or * for any) call the "
+        "HTTP routes (repeatable); CORS is off unless given [env CLIPVISION_HTTP_CORS_ORIGIN, "
+        "comma-separated]",
+    )
+    option(
+        "--http-timeout",
+        defaults.http_timeout_s,
+        "seconds an HTTP call may take in all (DEADLINE_EXCEEDED, 504, past it); a "
+        "Connect-Timeout-Ms header may ask for less",
+        type=_positive_float,
     )
     option("--device", defaults.device, "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     option(
@@ -498,6 +519,11 @@ def parse_settings(
         models=models,
         address=args.address,
         metrics_address=args.metrics_address,
+        http_address=args.http_address,
+        http_cors_origins=tuple(
+            _listed(args.http_cors_origin, env, "CLIPVISION_HTTP_CORS_ORIGIN", ",")
+        ),
+        http_timeout_s=args.http_timeout,
         device=args.device,
         dtype=args.dtype,
         backend=args.backend,

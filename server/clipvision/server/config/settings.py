@@ -60,6 +60,11 @@ class Settings:
     models: tuple[ModelSpec, ...] = (ModelSpec.parse(DEFAULT_MODEL),)
     address: str = "127.0.0.1:50051"
     metrics_address: str | None = None
+    # HTTP beside gRPC (OpenAI, KServe v2 REST, Weaviate, JSON): off unless an address is given.
+    http_address: str | None = None
+    http_cors_origins: tuple[str, ...] = ()
+    # The longest an HTTP call may take; a Connect-Timeout-Ms header may ask for less.
+    http_timeout_s: float = 60.0
     device: str = "auto"
     dtype: str = "auto"
     # Both towers' runtime: auto (ONNX Runtime for float32 on the CPU where installed).

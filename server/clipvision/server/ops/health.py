@@ -16,6 +16,13 @@ class HealthReporter:
     def __init__(self) -> None:
         # grpc-stubs predates the asyncio health servicer.
         self.servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._serving = False
+        self._shut_down = False
+
+    @property
+    def serving(self) -> bool:
+        """Whether the server reports SERVING now (for the HTTP probes and readiness)."""
+        return self._serving and not self._shut_down
 
     async def set_serving(self, serving: bool) -> None:
         """Report SERVING or NOT_SERVING for the server and for EmbeddingService."""
@@ -24,9 +31,11 @@ class HealthReporter:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
+        self._serving = serving
         for service in HEALTH_SERVICES:
             await self.servicer.set(service, status)
 
     async def shut_down(self) -> None:
         """Report NOT_SERVING for good; later set_serving calls are ignored."""
+        self._shut_down = True
         await self.servicer.enter_graceful_shutdown()

@@ -131,14 +131,16 @@ class ServerMetrics:
         )
         self.requests = Counter(
             "clipvision_requests",
-            "EmbeddingService calls finished, by RPC and status code.",
-            ["method", "code"],
+            "Calls finished, by protocol (grpc, http), method (an RPC, or an HTTP route) and "
+            "status code.",
+            ["protocol", "method", "code"],
             registry=self.registry,
         )
         self.request_seconds = Histogram(
             "clipvision_request_duration_seconds",
-            "Wall time of an EmbeddingService call, from arrival to status (a stream's lifetime).",
-            ["method"],
+            "Wall time of a call, from arrival to status (a stream's lifetime), by protocol and "
+            "method.",
+            ["protocol", "method"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -212,8 +214,8 @@ class ServerMetrics:
         self.refused_calls = Counter(
             "clipvision_refused_calls",
             "Calls refused before their handler ran (token, call slots, missing, late or "
-            "malformed request, unknown method), by method, status code and reason.",
-            ["method", "code", "reason"],
+            "malformed request, unknown method), by protocol, method, status code and reason.",
+            ["protocol", "method", "code", "reason"],
             registry=self.registry,
         )
         self.call_slots = Gauge(
@@ -270,14 +272,14 @@ class ServerMetrics:
         """Count one image answered in-band with an error."""
         self.item_errors.labels(reason).inc()
 
-    def on_call(self, method: str, code: str, seconds: float) -> None:
+    def on_call(self, method: str, code: str, seconds: float, protocol: str = "grpc") -> None:
         """Count one finished call and its duration."""
-        self.requests.labels(method, code).inc()
-        self.request_seconds.labels(method).observe(seconds)
+        self.requests.labels(protocol, method, code).inc()
+        self.request_seconds.labels(protocol, method).observe(seconds)
 
-    def on_refused(self, method: str, code: str, reason: str) -> None:
-        """Count one call the gate refused before its handler ran."""
-        self.refused_calls.labels(method, code, reason).inc()
+    def on_refused(self, method: str, code: str, reason: str, protocol: str = "grpc") -> None:
+        """Count one call refused before its handler ran (the gate, or HTTP's checks)."""
+        self.refused_calls.labels(protocol, method, code, reason).inc()
 
     def watch_call_slots(self, pools: Mapping[str, Sized]) -> None:
         """Report the slots each pool holds, read at scrape time."""

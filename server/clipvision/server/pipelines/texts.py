@@ -45,6 +45,8 @@ class TextVector:
 
     vector: FloatArray
     truncated: bool
+    tokens: int = 0
+    """Token ids the tower read (start and end tokens included, no padding)."""
 
 
 class _Item:
@@ -64,6 +66,7 @@ class _Item:
         "task",
         "ticket",
         "tokenize_s",
+        "tokens",
         "tower",
         "truncated",
     )
@@ -93,6 +96,7 @@ class _Item:
         self.size = 0
         self.tokenize_s = 0.0
         self.truncated = False
+        self.tokens = 0
 
 
 class TextPipeline:
@@ -192,6 +196,7 @@ class TextPipeline:
             return
         tokenized, item.tokenize_s = outcome
         item.truncated = tokenized.truncated
+        item.tokens = len(tokenized.ids)
         # The message's copy and ours of the text, and the ids, until answered.
         cost = ItemCost(resident=2 * item.size + tokenized.ids.nbytes, decode=0)
         ticket = self._budget.try_admit(item.caller, cost)
@@ -239,7 +244,7 @@ class TextPipeline:
             self._observer.on_text(item.model.name, times)
         raw = outcome.features
         item.future.set_result(
-            TextVector(l2_normalize(raw) if item.normalize else raw, item.truncated)
+            TextVector(l2_normalize(raw) if item.normalize else raw, item.truncated, item.tokens)
         )
 
     def _finished(self, item: _Item, future: asyncio.Future[TextVector]) -> None:

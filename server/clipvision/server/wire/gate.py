@@ -46,11 +46,11 @@ from clipvision.server.errors import (
     RequestTimeoutError,
     ServiceUnavailableError,
 )
+from clipvision.server.ops.auth import BearerToken
 from clipvision.server.ops.calls import GateMark, open_gate_mark
 from clipvision.server.ops.logs import RateLimitedLog
 from clipvision.server.ops.metrics import ServerMetrics
 from clipvision.server.resources.admission import MemoryBudget, ReadHold
-from clipvision.server.wire.auth import BearerToken
 from clipvision.server.wire.interceptors import rich_status
 from clipvision.server.wire.slots import Slot, SlotPool
 

@@ -1,8 +1,8 @@
 """Optional bearer-token check: every call but health must carry the operator's token.
 
-The call gate asks it from the call's headers alone, before a call slot is
-taken or a byte of the request is read, so a caller without the token costs
-nothing that callers with it need.
+The gRPC call gate (wire.gate) and the HTTP routes (http.exchange) ask it from a call's
+headers alone, before a call slot is taken or a byte of the request is read, so a caller
+without the token costs nothing that callers with it need.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from clipvision.server.errors import Reason, UnauthenticatedError
 
 MISSING = UnauthenticatedError(
     Reason.UNAUTHENTICATED,
-    "This server needs a bearer token; send the metadata 'authorization: Bearer <token>'.",
+    "This server needs a bearer token; send the header 'authorization: Bearer <token>'.",
 )
 WRONG = UnauthenticatedError(Reason.UNAUTHENTICATED, "The bearer token is not valid.")
 
