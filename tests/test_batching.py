@@ -23,7 +23,11 @@ from grpc_status import rpc_status
 from PIL import Image
 
 from clipvision.server.config.settings import Settings
-from clipvision.server.runtime.image_encoder import ClipImageEncoder
+from clipvision.server.runtime.image_encoder import (
+    ClipImageEncoder,
+    l2_normalize,
+    l2_normalize_rows,
+)
 from clipvision.server.runtime.preprocess import UInt8Array
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
@@ -201,3 +205,22 @@ async def test_a_stream_waits_for_room_instead_of_failing(
         assert all(r.WhichOneof("result") == "embedding" for r in responses)
         assert peak == 4  # the bound was reached and never passed
         assert sum(spy.batches) == 40
+
+
+def test_a_vector_is_normalized_the_same_whatever_it_was_batched_with() -> None:
+    # The batcher normalizes a whole batch in one pass on the device thread: a row's unit
+    # vector must not depend on the rows beside it (nor differ from a lone vector's).
+    rng = np.random.default_rng(7)
+    rows = rng.standard_normal((33, 512)).astype(np.float32) * 40.0
+    rows[5] = 0.0  # a zero vector stays zero (eps), as torch.nn.functional.normalize keeps it
+    whole = l2_normalize_rows(rows)
+    assert whole.dtype == np.float32
+    for size in (1, 2, 7, 33):
+        part = l2_normalize_rows(rows[:size].copy())
+        np.testing.assert_array_equal(part, whole[:size])
+    for index, row in enumerate(rows):
+        np.testing.assert_array_equal(l2_normalize(row), whole[index])
+    np.testing.assert_allclose(np.linalg.norm(np.delete(whole, 5, axis=0), axis=1), 1.0, rtol=1e-6)
+    assert not whole[5].any()
+    expected = torch.nn.functional.normalize(torch.from_numpy(rows), dim=1).numpy()
+    np.testing.assert_allclose(whole, expected, rtol=1e-6, atol=1e-7)

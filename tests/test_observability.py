@@ -7,16 +7,23 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from PIL import Image
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from clipvision.server.app import connection_options
 from clipvision.server.config.flags import parse_settings
 from clipvision.server.config.settings import Settings
 from clipvision.server.ops.calls import request_id_from
 from clipvision.server.ops.logs import JsonFormatter
-from clipvision.server.ops.metrics import DeviceMemoryCollector, ServerMetrics
+from clipvision.server.ops.metrics import (
+    LATENCY_BUCKETS,
+    BulkHistogram,
+    DeviceMemoryCollector,
+    ServerMetrics,
+)
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import encode, photo_bytes, settings_with
@@ -219,3 +226,37 @@ def test_keepalive_and_connection_age_come_from_flags_and_environment() -> None:
     assert tuned.log_format == "json"
     unlimited = dict(connection_options(parse_settings(["--max-connection-age", "0"], environ={})))
     assert "grpc.max_connection_age_ms" not in unlimited
+
+
+def test_per_item_histograms_expose_what_prometheus_client_would() -> None:
+    # The per-image stage histograms count their buckets in bulk; a scrape must read the
+    # same buckets and count as prometheus_client's own Histogram fed the same values,
+    # including values observed since the last fold and values right on a bound.
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    bulk = BulkHistogram("stage_seconds", "A stage.", ["model"], LATENCY_BUCKETS, ours)
+    reference = Histogram(
+        "stage_seconds", "A stage.", ["model"], buckets=LATENCY_BUCKETS, registry=theirs
+    )
+    rng = np.random.default_rng(3)
+    values = [*rng.exponential(0.05, 9000).tolist(), *LATENCY_BUCKETS, 0.0, 100.0]
+    for index, seconds in enumerate(values):
+        model = "a" if index % 3 else "b"
+        bulk.labels(model).observe(seconds)
+        reference.labels(model).observe(seconds)
+
+    def samples(registry: CollectorRegistry) -> dict[str, float]:
+        exposed = generate_latest(registry).decode().splitlines()
+        return {
+            name: float(number)
+            for name, number in (line.rsplit(" ", 1) for line in exposed if line[:1] != "#")
+            if "_created" not in name
+        }
+
+    got, want = samples(ours), samples(theirs)
+    assert got.keys() == want.keys()
+    for name, number in want.items():
+        if "_sum" in name:
+            assert got[name] == pytest.approx(number, rel=1e-9)
+        else:
+            assert got[name] == number, name
+    assert want['stage_seconds_count{model="a"}'] == 6010

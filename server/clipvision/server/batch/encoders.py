@@ -159,8 +159,8 @@ def load_text_model(options: ModelOptions) -> TextModel:
 
 def normalized_rows(features: FloatArray, normalize: bool) -> FloatArray:
     """Each row L2-normalised exactly as the server normalises one vector (or left raw)."""
-    from clipvision.server.runtime.image_encoder import l2_normalize
+    from clipvision.server.runtime.image_encoder import l2_normalize_rows
 
     if not normalize:
         return features.astype(np.float32, copy=False)
-    return np.stack([l2_normalize(row) for row in features]) if len(features) else features
+    return l2_normalize_rows(features) if len(features) else features

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from typing import Any, Protocol
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from clipvision.server.ops.calls import StageTimes
@@ -105,6 +108,90 @@ class QueueDepthCollector(Collector):
         yield texts
 
 
+class _BulkChild:
+    """One label set of a BulkHistogram: observations appended, counted in bulk."""
+
+    __slots__ = ("_bounds", "_counts", "_lock", "_pending", "_sum")
+
+    FOLD_AT = 4096
+
+    def __init__(self, bounds: npt.NDArray[np.float64]) -> None:
+        self._bounds = bounds
+        self._counts = np.zeros(len(bounds) + 1, dtype=np.int64)  # the last one is +Inf
+        self._sum = 0.0
+        self._pending: list[float] = []
+        self._lock = threading.Lock()  # the event loop observes, the metrics thread reads
+
+    def observe(self, value: float) -> None:
+        """Record one value: an append; the buckets are counted every FOLD_AT values."""
+        with self._lock:
+            self._pending.append(value)
+            if len(self._pending) >= self.FOLD_AT:
+                self._fold()
+
+    def _fold(self) -> None:
+        values = np.asarray(self._pending, dtype=np.float64)
+        self._pending = []
+        # A value lands in the first bucket whose upper bound is >= it (Prometheus's le).
+        slots = np.searchsorted(self._bounds, values, side="left")
+        self._counts += np.bincount(slots, minlength=len(self._counts))
+        self._sum += float(values.sum())
+
+    def snapshot(self) -> tuple[list[int], float]:
+        """Cumulative counts per bucket (+Inf last) and the sum, pending values included."""
+        with self._lock:
+            if self._pending:
+                self._fold()
+            return [int(count) for count in np.cumsum(self._counts)], self._sum
+
+
+class BulkHistogram(Collector):
+    """A Prometheus histogram for values observed once per item, thousands of times a second.
+
+    prometheus_client's Histogram takes a lock and walks its buckets in Python on every
+    observation (about 1.3 us, three times per image); this one appends under a lock and
+    counts the buckets with numpy once per 4,096 values or at scrape time. The exposition
+    is the same (``_bucket``, ``_count``, ``_sum``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: list[str],
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = labelnames
+        self._buckets = buckets
+        self._bounds = np.asarray(buckets, dtype=np.float64)
+        self._children: dict[tuple[str, ...], _BulkChild] = {}
+        self._children_lock = threading.Lock()
+        registry.register(self)
+
+    def labels(self, *values: str) -> _BulkChild:
+        """The child for one label set, made on first use."""
+        child = self._children.get(values)
+        if child is None:
+            with self._children_lock:
+                child = self._children.setdefault(values, _BulkChild(self._bounds))
+        return child
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        """Every label set's buckets, count and sum, as they stand now."""
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        with self._children_lock:
+            children = list(self._children.items())
+        for values, child in children:
+            counts, total = child.snapshot()
+            # As prometheus_client writes ``le`` for these bounds (repr: 0.001, 1.0, 30.0).
+            bounds = [*(repr(float(bound)) for bound in self._buckets), "+Inf"]
+            family.add_metric(list(values), list(zip(bounds, counts, strict=True)), total)
+        yield family
+
+
 class ServerMetrics:
     """The server's metrics; it is the batcher's observer."""
 
@@ -144,21 +231,21 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.image_queue_seconds = Histogram(
+        self.image_queue_seconds = BulkHistogram(
             "clipvision_image_queue_seconds",
             "Per image: from entering the batcher's queue to the start of its batch.",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.image_preprocess_seconds = Histogram(
+        self.image_preprocess_seconds = BulkHistogram(
             "clipvision_image_preprocess_seconds",
             "Per image: resolve, decode and preprocess, measured in the worker thread.",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.image_inference_seconds = Histogram(
+        self.image_inference_seconds = BulkHistogram(
             "clipvision_image_inference_seconds",
             "Per image: device time of the batch it went in (forward and copy to host).",
             ["model"],
@@ -184,14 +271,14 @@ class ServerMetrics:
             ["model"],
             registry=self.registry,
         )
-        self.text_tokenize_seconds = Histogram(
+        self.text_tokenize_seconds = BulkHistogram(
             "clipvision_text_tokenize_seconds",
             "Per text: tokenizing, measured in the worker thread.",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.text_queue_seconds = Histogram(
+        self.text_queue_seconds = BulkHistogram(
             "clipvision_text_queue_seconds",
             "Per text: from entering the batcher's queue to the start of its batch.",
             ["model"],

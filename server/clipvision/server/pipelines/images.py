@@ -42,7 +42,6 @@ from clipvision.server.runtime.image_encoder import (
     ClipImageEncoder,
     FloatArray,
     ImagePayload,
-    l2_normalize,
 )
 from clipvision.server.runtime.models import ServedModel
 from clipvision.server.runtime.preprocess import ProbedImage
@@ -299,8 +298,7 @@ class ImagePipeline:
             item.record.add(times)
         if self._observer is not None:
             self._observer.on_image(item.model.name, times)
-        raw = outcome.features
-        item.future.set_result(l2_normalize(raw) if item.normalize else raw)
+        item.future.set_result(outcome.normalized if item.normalize else outcome.features)
 
     def _finished(self, item: _Item, future: asyncio.Future[FloatArray]) -> None:
         """However the image ended (answered, failed, its caller gone): give back what it holds."""

@@ -27,7 +27,7 @@ from clipvision.server.pipelines.gather import give_back_read, outcomes_of, sett
 from clipvision.server.resources.admission import ItemCost, MemoryBudget, Ticket, seconds_left
 from clipvision.server.resources.dispatch import FairDispatcher, Job
 from clipvision.server.runtime.batcher import Embedded
-from clipvision.server.runtime.image_encoder import FloatArray, l2_normalize
+from clipvision.server.runtime.image_encoder import FloatArray
 from clipvision.server.runtime.models import ServedModel, TextModel
 from clipvision.server.runtime.text_encoder import TokenizedText
 
@@ -242,10 +242,8 @@ class TextPipeline:
             item.record.add(times)
         if self._observer is not None:
             self._observer.on_text(item.model.name, times)
-        raw = outcome.features
-        item.future.set_result(
-            TextVector(l2_normalize(raw) if item.normalize else raw, item.truncated, item.tokens)
-        )
+        vector = outcome.normalized if item.normalize else outcome.features
+        item.future.set_result(TextVector(vector, item.truncated, item.tokens))
 
     def _finished(self, item: _Item, future: asyncio.Future[TextVector]) -> None:
         """However the text ended: give back what it holds."""

@@ -229,7 +229,11 @@ class FairDispatcher:
         weight = 0
         while self._queues and len(chunk) < limit:
             # Least served first; between equals, the caller with fewer jobs (a newcomer).
-            caller = min(self._queues, key=lambda c: (self._served[c], self._jobs[c]))
+            # One caller queued (a lone stream): it is the least served, no search.
+            if len(self._queues) == 1:
+                caller = next(iter(self._queues))
+            else:
+                caller = min(self._queues, key=lambda c: (self._served[c], self._jobs[c]))
             queue = self._queues[caller]
             job = queue[0]
             if chunk and weight + job.weight > self._chunk_weight:

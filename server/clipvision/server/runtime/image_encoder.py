@@ -216,8 +216,19 @@ class ClipImageEncoder:
         return self.to_host(self.forward(np.stack(arrays)))
 
 
-def l2_normalize(vector: FloatArray) -> FloatArray:
-    """Scale a vector to unit length, as torch.nn.functional.normalize does (eps 1e-12)."""
-    norm = max(float(np.linalg.norm(vector)), 1e-12)
-    normalized: FloatArray = (vector / np.float32(norm)).astype(np.float32, copy=False)
+def l2_normalize_rows(rows: FloatArray) -> FloatArray:
+    """Scale each row to unit length, as torch.nn.functional.normalize does (eps 1e-12).
+
+    One numpy pass for a whole batch (the batcher does it on the device thread, once per
+    batch): the same arithmetic for every row whatever the batch, so a vector does not
+    depend on the images it was batched with.
+    """
+    norms = np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), np.float32(1e-12))
+    normalized: FloatArray = (rows / norms).astype(np.float32, copy=False)
     return normalized
+
+
+def l2_normalize(vector: FloatArray) -> FloatArray:
+    """One vector to unit length, with the arithmetic of l2_normalize_rows."""
+    unit: FloatArray = l2_normalize_rows(vector[np.newaxis])[0]
+    return unit
