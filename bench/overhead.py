@@ -19,7 +19,11 @@ pass. For each row, in one run on one machine:
   same request messages (parsed by grpc) and answer a 16-float embedding, under
   the same load: its CPU per message (per item for the batch rows);
 - own work / floor, the figure issue 20 sets targets for (at most 2x for the
-  stream and unary rows, 8x for the 32-item batch rows).
+  stream and unary rows, 8x for the 32-item batch rows);
+- the same patterns over HTTP (`POST /v1/embeddings`, OpenAI's shape, base64 vectors
+  as the SDKs ask; images as data: URIs with ``"modality": "image"``; HTTP/1.1, so one
+  connection per caller): the HTTP layer's cost is their own work less the gRPC row's
+  of the same pattern, in the same run (no bare floor: the gRPC one does not apply).
 
 It prints one table and writes JSON (--out).
 """
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import io
 import json
@@ -80,6 +85,7 @@ class Row:
     callers: int
     connections: int
     per_call: int = 1
+    protocol: str = "grpc"  # or http: POST /v1/embeddings
 
 
 ROWS = (
@@ -89,7 +95,18 @@ ROWS = (
     Row("one EmbedTextStream", "text", "stream", 1, 1),
     Row("64 EmbedText callers, 4 connections", "text", "unary", 64, 4),
     Row("4 callers x 32-text EmbedTexts", "text", "batch", 4, 4, BATCH),
+    Row("64 /v1/embeddings image callers", "image", "unary", 64, 64, 1, "http"),
+    Row("4 callers x 32-image /v1/embeddings", "image", "batch", 4, 4, BATCH, "http"),
+    Row("64 /v1/embeddings text callers", "text", "unary", 64, 64, 1, "http"),
+    Row("4 callers x 32-text /v1/embeddings", "text", "batch", 4, 4, BATCH, "http"),
 )
+# The gRPC row each HTTP row is set against (same items per call, same callers).
+GRPC_TWIN = {
+    "64 /v1/embeddings image callers": "64 EmbedImage callers, 4 connections",
+    "4 callers x 32-image /v1/embeddings": "4 callers x 32-image EmbedImages",
+    "64 /v1/embeddings text callers": "64 EmbedText callers, 4 connections",
+    "4 callers x 32-text /v1/embeddings": "4 callers x 32-text EmbedTexts",
+}
 
 
 def make_jpegs(count: int = 12) -> list[bytes]:
@@ -168,6 +185,7 @@ class ServerUnderTest:
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.metrics_port = 0
+        self.http_port = 0
         self.log: list[str] = []
 
     def __enter__(self) -> ServerUnderTest:
@@ -185,6 +203,8 @@ class ServerUnderTest:
                 self.port = int(match.group(1))
             if match := re.search(r"metrics on http://[\d.]+:(\d+)/", line):
                 self.metrics_port = int(match.group(1))
+            if match := re.search(r"http on http://[\d.]+:(\d+)", line):
+                self.http_port = int(match.group(1))
             if self.port and self.ready in line:
                 break
         else:
@@ -276,6 +296,8 @@ def clipvision_server(checkpoint: Path, args: Any) -> ServerUnderTest:
         "127.0.0.1:0",
         "--metrics-address",
         "127.0.0.1:0",
+        "--http-address",
+        "127.0.0.1:0",
         *args.server_flag,
     ]
     return ServerUnderTest(command, "serving tiny")
@@ -289,7 +311,7 @@ def bare_server() -> ServerUnderTest:
 
 
 def load_process(
-    port: int,
+    port: int | tuple[int, int],
     row: Row,
     images: list[bytes],
     warmup: float,
@@ -297,8 +319,97 @@ def load_process(
     pipe: multiprocessing.connection.Connection,
 ) -> None:
     """Run ``row`` against ``port``; send 'open' and 'close' as the window opens and closes,
-    then the items answered inside it and the window's length."""
-    asyncio.run(_load(port, row, images, warmup, seconds, pipe))
+    then the items answered inside it and the window's length. ``port`` is the gRPC port,
+    or (gRPC, HTTP) ports."""
+    grpc_port, http_port = port if isinstance(port, tuple) else (port, 0)
+    run = (
+        _load_http(http_port, row, images, warmup, seconds, pipe)
+        if row.protocol == "http"
+        else (_load(grpc_port, row, images, warmup, seconds, pipe))
+    )
+    asyncio.run(run)
+
+
+async def _window(
+    tasks: list[asyncio.Task[None]],
+    state: dict[str, bool],
+    warmup: float,
+    seconds: float,
+    pipe: multiprocessing.connection.Connection,
+) -> float:
+    """Open the counting window after the warm-up, close it, stop the callers: its length."""
+    await asyncio.sleep(warmup)
+    state["counting"] = True
+    opened = time.perf_counter()
+    pipe.send("open")
+    await asyncio.sleep(seconds)
+    state["counting"] = False
+    closed = time.perf_counter()
+    pipe.send("close")
+    state["running"] = False
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return closed - opened
+
+
+async def _load_http(
+    port: int,
+    row: Row,
+    images: list[bytes],
+    warmup: float,
+    seconds: float,
+    pipe: multiprocessing.connection.Connection,
+) -> None:
+    import aiohttp  # tritonclient[http]'s dependency, in the dev extra
+
+    answered = 0
+    state = {"counting": False, "running": True}
+    if row.modality == "image":
+        items = ["data:image/jpeg;base64," + base64.b64encode(data).decode() for data in images]
+    else:
+        items = TEXTS
+    bodies = [
+        json.dumps(
+            {
+                "model": "tiny",
+                "modality": row.modality,
+                "encoding_format": "base64",
+                "input": [items[(i + j) % len(items)] for j in range(row.per_call)]
+                if row.kind == "batch"
+                else items[i % len(items)],
+            }
+        ).encode()
+        for i in range(len(items))
+    ]
+    url = f"http://127.0.0.1:{port}/v1/embeddings"
+    headers = {"content-type": "application/json"}
+
+    async def caller(session: aiohttp.ClientSession) -> None:
+        nonlocal answered
+        index = 0
+        while state["running"]:
+            async with session.post(url, data=bodies[index % len(bodies)], headers=headers) as r:
+                answer = await r.json()
+            index += 1
+            if r.status != 200 or len(answer["data"]) != row.per_call:
+                raise RuntimeError(f"HTTP {r.status}: {str(answer)[:200]}")
+            if state["counting"]:
+                answered += row.per_call
+
+    async with contextlib.AsyncExitStack() as stack:
+        # HTTP/1.1 has one call in flight per connection: a connection per caller.
+        sessions = [
+            await stack.enter_async_context(
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=row.callers))
+            )
+            for _ in range(row.connections)
+        ]
+        callers = [
+            asyncio.create_task(caller(sessions[i % len(sessions)])) for i in range(row.callers)
+        ]
+        window = await _window(callers, state, warmup, seconds, pipe)
+    pipe.send((answered, window))
 
 
 async def _load(
@@ -310,7 +421,6 @@ async def _load(
     pipe: multiprocessing.connection.Connection,
 ) -> None:
     answered = 0
-    opened = closed = 0.0
     state = {"counting": False, "running": True}
 
     def count(items: int) -> None:
@@ -333,19 +443,8 @@ async def _load(
             asyncio.create_task(_caller(row, stubs[i % len(stubs)], requests, count, state))
             for i in range(row.callers)
         ]
-        await asyncio.sleep(warmup)
-        state["counting"] = True
-        opened = time.perf_counter()
-        pipe.send("open")
-        await asyncio.sleep(seconds)
-        state["counting"] = False
-        closed = time.perf_counter()
-        pipe.send("close")
-        state["running"] = False
-        for task in callers:
-            task.cancel()
-        await asyncio.gather(*callers, return_exceptions=True)
-    pipe.send((answered, closed - opened))
+        window = await _window(callers, state, warmup, seconds, pipe)
+    pipe.send((answered, window))
 
 
 def _requests(row: Row, images: list[bytes]) -> list[Any]:
@@ -424,8 +523,9 @@ def measure(server: ServerUnderTest, row: Row, images: list[bytes], args: Any) -
     """Run ``row`` in a load process; the server's CPU time is read as the window opens/closes."""
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
+    ports = (server.port, server.http_port)
     load = context.Process(
-        target=load_process, args=(server.port, row, images, args.warmup, args.seconds, theirs)
+        target=load_process, args=(ports, row, images, args.warmup, args.seconds, theirs)
     )
     load.start()
     profiler: subprocess.Popen[bytes] | None = None
@@ -612,7 +712,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_floor:
             with bare_server() as bare:
                 for row in rows:
-                    floor[row.name] = measure(bare, row, images, args)
+                    if row.protocol == "grpc":
+                        floor[row.name] = measure(bare, row, images, args)
         ours: dict[str, Measured] = {}
         with clipvision_server(checkpoint, args) as server:
             for row in rows:
@@ -636,6 +737,12 @@ def main(argv: list[str] | None = None) -> int:
             entry["floor_cpu_ms_per_item"] = base.cpu_ms_per_item
             entry["own_over_floor"] = own / base.cpu_ms_per_item
             entry["target"] = 8.0 if row.kind == "batch" else 2.0
+        twin = GRPC_TWIN.get(row.name)
+        if twin in ours:
+            entry["grpc_twin"] = twin
+            entry["http_layer_ms_per_item"] = own - (
+                ours[twin].cpu_ms_per_item - inprocess[row.modality]
+            )
         results["rows"].append(entry)
     print_table(results)
     if args.out:
@@ -663,6 +770,8 @@ def print_table(results: dict[str, Any]) -> None:
         floor = entry.get("floor_cpu_ms_per_item")
         ratio = entry.get("own_over_floor")
         versus = f"{ratio:.1f}x (<= {entry.get('target', 0):g}x)" if ratio is not None else "-"
+        if "http_layer_ms_per_item" in entry:
+            versus = f"HTTP layer {entry['http_layer_ms_per_item']:+.3f} ms over gRPC's"
         print(
             f"| {entry['row']['name']} | {entry['items_per_s']:,.0f} "
             f"| {entry['server_cpu_ms_per_item']:.3f} ms "
