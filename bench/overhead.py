@@ -296,8 +296,7 @@ def clipvision_server(checkpoint: Path, args: Any) -> ServerUnderTest:
         "127.0.0.1:0",
         "--metrics-address",
         "127.0.0.1:0",
-        "--http-address",
-        "127.0.0.1:0",
+        *(["--http-address", "127.0.0.1:0"] if args.protocol != "grpc" else []),
         *args.server_flag,
     ]
     return ServerUnderTest(command, "serving tiny")
@@ -674,6 +673,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--backend", default="auto", help="the server's --backend (auto: ONNX Runtime on a CPU)"
     )
+    parser.add_argument(
+        "--protocol",
+        default="both",
+        choices=("grpc", "http", "both"),
+        help="the gRPC rows, the /v1/embeddings rows, or both (a server without HTTP: grpc)",
+    )
     parser.add_argument("--device", default="auto", help="the server's --device")
     parser.add_argument("--server-flag", action="append", default=[], help="extra server flags")
     parser.add_argument("--profile", default="", help="py-spy the server into this folder")
@@ -692,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         row
         for row in ROWS
         if all(word in (row.kind, row.modality) or word in row.name for word in wanted)
+        and args.protocol in ("both", row.protocol)
     ]
     images = make_jpegs()
     threads = max(1, len(os.sched_getaffinity(0)))
