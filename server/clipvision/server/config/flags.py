@@ -166,7 +166,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         action="store_true",
         default=_flag(env, "CLIPVISION_GPU_DECODE"),
         help="decode JPEGs on the GPU with nvJPEG (torchvision) instead of Pillow: faster, but "
-        "not bit-exact (pixels differ by a few levels: docs/PERFORMANCE.md); needs a CUDA "
+        "not bit-exact (nvJPEG's inverse DCT is not libjpeg's: bench/gpu_feed.py measures the "
+        "difference); needs a CUDA "
         "device and images resized on it; other formats, and JPEGs nvJPEG refuses, are "
         "decoded on the CPU [env CLIPVISION_GPU_DECODE=1]",
     )
