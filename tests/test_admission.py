@@ -32,6 +32,7 @@ from clipvision.server.runtime.preprocess import ProbedImage, UInt8Array
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import photo_bytes, settings_with
+from tests.h2wire import WireConnection
 from tests.live_server import LiveServer, live_server
 
 MIB = 1 << 20
@@ -405,6 +406,37 @@ async def test_idle_streams_holding_read_room_are_ended_when_others_need_it(
         second.cancel()
         never.set()
         await wait_until(lambda: server.server.registry.budget.used == 0)
+
+
+async def test_streams_cut_off_while_reading_give_their_read_room_back(
+    base_settings: Settings,
+) -> None:
+    # The attack bench's idle streams: many at once on a few connections, each waiting for
+    # read room or for a message with room held, then the connections closed. A stream's
+    # handler reads in a task of its own, which may end after its call: what its pending read
+    # held was left on the finished call, the read room stayed full, and every later call
+    # waited for it.
+    async with (
+        live_server(read_room_settings(base_settings)) as server,
+        own_channel(server) as channel,
+    ):
+        budget = server.server.registry.budget
+        for _ in range(3):
+            wires = [await WireConnection.open(server.port) for _ in range(3)]
+            try:
+                for wire in wires:
+                    for _ in range(20):
+                        wire.start_call("/clipvision.v1.EmbeddingService/EmbedImageStream")
+                    await wire.flush()
+                await wait_until(lambda: budget.reads.used == 8 * MIB)  # the read room is full
+                await asyncio.sleep(0.5)
+            finally:
+                for wire in wires:
+                    await wire.close()
+            await wait_until(lambda: budget.used == 0)
+        request = pb.EmbedImageRequest(image=pb.Image(content=photo_bytes("rocket.jpg")))
+        reply = await pb_grpc.EmbeddingServiceStub(channel).EmbedImage(request, timeout=5)
+        assert len(reply.embedding.values) == 16
 
 
 # -- an attack of cheap files that are dear to decode ------------------------------------------

@@ -369,21 +369,32 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         deserialize: Any,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[Any]:
-        messages = request_iterator.__aiter__()
+        messages: AsyncIterator[bytes] | None = None
         while True:
             # The last message's room, unless its item took it over.
             _release_unclaimed(call)
             hold = await self._reserve_read(call, context, None)
             try:
+                # Made only once there is room: grpc's receiver, made and never awaited (a
+                # stream cancelled while it waits for room), warns when it is collected.
+                if messages is None:
+                    messages = request_iterator.__aiter__()
                 raw = await messages.__anext__()
-            except StopAsyncIteration:
-                return
+            except BaseException as error:
+                # No message (the end, or the call cancelled or failed): given back here, not
+                # left on the call, since a stream's handler may read in a task of its own
+                # that ends after the call, when nothing would give it back any more.
+                if hold is not None:
+                    hold.release()
+                if isinstance(error, StopAsyncIteration):
+                    return
+                raise
             finally:
                 self._reading.pop(call, None)
-                if hold is not None:
-                    # Taken over by the handler's item, or given back at the next read (or
-                    # when the call ends, if anything below fails).
-                    call.mark.read_hold = hold
+            if hold is not None:
+                # Taken over by the handler's item, or given back at the next read (or when
+                # the call ends, if anything below fails).
+                call.mark.read_hold = hold
             if call.slot is not None:
                 call.slot.touch()
             if hold is not None:
