@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import io
 import threading
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -437,6 +440,78 @@ async def test_streams_cut_off_while_reading_give_their_read_room_back(
         request = pb.EmbedImageRequest(image=pb.Image(content=photo_bytes("rocket.jpg")))
         reply = await pb_grpc.EmbeddingServiceStub(channel).EmbedImage(request, timeout=5)
         assert len(reply.embedding.values) == 16
+
+
+@functools.cache
+def noise_jpeg(side: int) -> bytes:
+    """A side x side JPEG of noise: about as large on the wire as in memory."""
+    pixels = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+async def test_streams_waiting_to_read_on_keep_no_message_outside_the_budget(
+    base_settings: Settings,
+) -> None:
+    # Load g of bench/memory.py: 128 streams of 20 MB images peaked at 6.3 GiB in a 3 GiB
+    # container, with the budget under 0.6 GiB. Each stream's item was answered (its bytes
+    # given back to the budget), but while the stream waited for room to read its next
+    # message, grpc's request iterator, the gate and the stream's reader still held its last
+    # one. Here 6 streams send one 2 MiB image each, are answered, and wait on: 2 hold the
+    # read room, 4 wait for it. Python's own allocations (tracemalloc) then show what stayed.
+    size = len(noise_jpeg(1400))
+    image = pb.Image(content=noise_jpeg(1400))
+    streams = 6
+    answered = 0
+    async with live_server(read_room_settings(base_settings)) as server:
+        tracemalloc.start()  # once the server is up: loading models under it is slow
+        try:
+            budget = server.server.registry.budget
+            done = asyncio.Event()
+            channels = [own_channel(server) for _ in range(streams)]
+            gc.collect()
+            before = tracemalloc.get_traced_memory()[0]
+
+            async def one(channel: grpc.aio.Channel) -> None:
+                nonlocal answered
+
+                async def requests() -> AsyncIterator[pb.EmbedImageStreamRequest]:
+                    yield pb.EmbedImageStreamRequest(id="0", image=image)
+                    await done.wait()
+
+                call = pb_grpc.EmbeddingServiceStub(channel).EmbedImageStream(requests())
+                answer = await call.read()
+                assert isinstance(answer, pb.EmbedImageStreamResponse)
+                assert answer.WhichOneof("result") == "embedding"
+                answered += 1
+                await done.wait()
+                call.cancel()
+
+            tasks = [asyncio.ensure_future(one(channel)) for channel in channels]
+            try:
+                # Every image answered, the read room full again, the other streams waiting.
+                await wait_until(
+                    lambda: (
+                        answered == streams
+                        and budget.pool.used == 0
+                        and budget.reads.used == 8 * MIB
+                        and budget.reads.waiting
+                    )
+                )
+                await asyncio.sleep(0.5)
+                gc.collect()
+                kept = tracemalloc.get_traced_memory()[0] - before
+            finally:
+                done.set()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                for channel in channels:
+                    await channel.close(grace=None)
+        finally:
+            tracemalloc.stop()
+    # Each stream kept its message before (9 to 14 MB in all here); allow two images' worth
+    # for the rest (the client's side lives in this process too).
+    assert kept < 2 * size, (kept, size)
 
 
 # -- an attack of cheap files that are dear to decode ------------------------------------------
