@@ -1,4 +1,4 @@
-"""Attack bench: hostile traffic of issue 11 against a real server, one attack after another.
+"""Attack bench: hostile traffic of issues 11 and 21 against a real server, one after another.
 
     .venv/bin/python bench/attack.py                 # ViT-B/32 with dummy weights, CPU
     .venv/bin/python bench/attack.py --tiny          # a tiny test checkpoint: quicker
@@ -26,15 +26,19 @@ import re
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import psutil
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
@@ -43,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The raw HTTP/2 toolkit lives with the tests, which the bench shares.
 sys.path.insert(0, str(ROOT))
 from tests.h2wire import WireConnection  # noqa: E402
+from tests.scrape import scrape, value  # noqa: E402
 
 TOKEN = "attack-bench-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -285,14 +290,66 @@ def connection_events(wires: list[WireConnection]) -> str:
     return f"GOAWAY {codes}, closed {len(closed)}/{len(wires)}{reason}"
 
 
+BAD_PATHS = [b"/\xff", b"/\x80\x80", b"/\xc3", b"\xed\xa0\x80/x", b"/ok/\xfe\xff"]
+
+
+async def refused_unknown(server: Server) -> float:
+    """Calls on unregistered paths counted so far (clipvision_refused_calls_total)."""
+    return value(
+        await scrape(server.metrics_port),
+        "clipvision_refused_calls_total",
+        protocol="grpc",
+        method="unknown",
+        code="UNIMPLEMENTED",
+        reason="METHOD_NOT_FOUND",
+    )
+
+
 async def bad_path(server: Server) -> str:
+    """One call on a :path that is not UTF-8 (grpcio's serving loop used to die decoding it),
+    then 1,000 more in five shapes of bad bytes, 100 at a time, then one on a new connection."""
+    counted = await refused_unknown(server)
+    results = []
     async with await WireConnection.open(server.port) as wire:
         stream_id = wire.start_call(b"/\xff" + b"a" * 127, AUTH)
         wire.send_message(stream_id, b"")
         await wire.flush()
         with contextlib.suppress(TimeoutError):
             await wire.result(stream_id, timeout_s=5)
-        return f"{tally([wire.stream(stream_id)])}; {connection_events([wire])}"
+        results.append(wire.stream(stream_id))
+        first = f"first: {tally(results)}"
+        for offset in range(0, 1000, 100):
+            if wire.closed or not server.alive():
+                break
+            ids = []
+            for index in range(offset, offset + 100):
+                path = BAD_PATHS[index % len(BAD_PATHS)] + b"y" * (index % 7)
+                stream_id = wire.start_call(path, AUTH)
+                wire.send_message(stream_id, b"")
+                ids.append(stream_id)
+            await wire.flush()
+            with contextlib.suppress(TimeoutError):
+                await wire.results(ids, timeout_s=30)
+            results += [wire.stream(stream_id) for stream_id in ids]
+        if server.alive():
+            # And on a connection of its own: the listener answers, not only this connection.
+            async with await WireConnection.open(server.port) as other:
+                stream_id = other.start_call(b"/\xff\xfe", AUTH)
+                other.send_message(stream_id, b"")
+                await other.flush()
+                with contextlib.suppress(TimeoutError):
+                    await other.result(stream_id, timeout_s=5)
+                results.append(other.stream(stream_id))
+        events = connection_events([wire])
+    if not server.alive():
+        assert server.process is not None
+        status = server.process.returncode
+        return f"{first}; all: {tally(results)}; {events}; process EXITED, status {status}"
+    counted = await refused_unknown(server) - counted
+    return (
+        f"{first}; all {len(results):,}: {tally(results)}; {events}; process alive, "
+        f"METHOD_NOT_FOUND counted {counted:,.0f}"
+    )
 
 
 async def hold_streams(
@@ -356,6 +413,65 @@ async def stalled_unary(server: Server) -> str:
 
     # 50 per connection: 100 x 905 bytes would not fit HTTP/2's initial 64 KiB window.
     return await hold_streams(server, EMBED_IMAGE, 300, first, per_connection=50)
+
+
+FLOOD_CALLS = 400
+FLOOD_THREADS = 100
+
+
+def retry_delay_s(error: grpc.RpcError) -> float:
+    """The RetryInfo delay a refusal carries (0 without one)."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    for detail in status.details if status is not None else []:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            return float(retry.retry_delay.ToTimedelta().total_seconds())
+    return 0.0
+
+
+def flood_once(port: int) -> collections.Counter[str]:
+    """FLOOD_CALLS EmbedImage calls from FLOOD_THREADS threads on one channel of grpcio's
+    blocking client (the issue's flood): each thread starts its share at once, then waits."""
+    outcomes: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+    request = pb.EmbedImageRequest(image=pb.Image(content=PHOTO))
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+
+        def one_thread(_: int) -> None:
+            started = [
+                stub.EmbedImage.future(request, metadata=AUTH, timeout=60)
+                for _ in range(FLOOD_CALLS // FLOOD_THREADS)
+            ]
+            for future in started:
+                try:
+                    future.result()
+                    outcome = "OK"
+                except grpc.RpcError as error:
+                    code = error.code() if isinstance(error, grpc.Call) else None
+                    outcome = code.name if code is not None else "?"
+                    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not retry_delay_s(error):
+                        outcome += " without RetryInfo"
+                    elif code == grpc.StatusCode.UNAVAILABLE and isinstance(error, grpc.Call):
+                        outcome += f" ({error.details()})"
+                with lock:
+                    outcomes[outcome] += 1
+
+        with ThreadPoolExecutor(FLOOD_THREADS) as pool:
+            list(pool.map(one_thread, range(FLOOD_THREADS)))
+    return outcomes
+
+
+async def flood(server: Server) -> str:
+    """The flood twice in a row: overload must be RESOURCE_EXHAUSTED (with RetryInfo) or OK,
+    never UNAVAILABLE (the transport refusing streams, which clients read as "server down")."""
+    rounds = []
+    for number in (1, 2):
+        outcomes = await asyncio.to_thread(flood_once, server.port)
+        counts = ", ".join(f"{code} x{count}" for code, count in outcomes.most_common())
+        rounds.append(f"round {number}: {counts}")
+    return "; ".join(rounds) + " (RESOURCE_EXHAUSTED: all with RetryInfo unless said)"
 
 
 async def malformed(server: Server) -> str:
@@ -599,7 +715,12 @@ async def bad_utf8_metadata(server: Server) -> str:
 
 
 ATTACKS = [
-    Attack("bad_path", 'one call, :path b"/\\xff" + 127 bytes, with token', bad_path),
+    Attack(
+        "bad_path",
+        ':path not UTF-8, with token: b"/\\xff" + 127 bytes, then 1,000 in 5 shapes '
+        "(100 at a time), then 1 on a new conn.",
+        bad_path,
+    ),
     Attack(
         "watch_streams", "260 Health.Watch streams, no token, 100 per connection", watch_streams
     ),
@@ -608,6 +729,11 @@ ATTACKS = [
         "stalled_unary",
         "300 EmbedImage, no token, prefix says 1,000 B, 900 sent, 50 per conn.",
         stalled_unary,
+    ),
+    Attack(
+        "flood",
+        "400 EmbedImage at once from 100 threads on one channel, with token; twice",
+        flood,
     ),
     Attack(
         "malformed",

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import io
 import threading
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -32,6 +35,7 @@ from clipvision.server.runtime.preprocess import ProbedImage, UInt8Array
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import photo_bytes, settings_with
+from tests.h2wire import WireConnection
 from tests.live_server import LiveServer, live_server
 
 MIB = 1 << 20
@@ -405,6 +409,109 @@ async def test_idle_streams_holding_read_room_are_ended_when_others_need_it(
         second.cancel()
         never.set()
         await wait_until(lambda: server.server.registry.budget.used == 0)
+
+
+async def test_streams_cut_off_while_reading_give_their_read_room_back(
+    base_settings: Settings,
+) -> None:
+    # The attack bench's idle streams: many at once on a few connections, each waiting for
+    # read room or for a message with room held, then the connections closed. A stream's
+    # handler reads in a task of its own, which may end after its call: what its pending read
+    # held was left on the finished call, the read room stayed full, and every later call
+    # waited for it.
+    async with (
+        live_server(read_room_settings(base_settings)) as server,
+        own_channel(server) as channel,
+    ):
+        budget = server.server.registry.budget
+        for _ in range(3):
+            wires = [await WireConnection.open(server.port) for _ in range(3)]
+            try:
+                for wire in wires:
+                    for _ in range(20):
+                        wire.start_call("/clipvision.v1.EmbeddingService/EmbedImageStream")
+                    await wire.flush()
+                await wait_until(lambda: budget.reads.used == 8 * MIB)  # the read room is full
+                await asyncio.sleep(0.5)
+            finally:
+                for wire in wires:
+                    await wire.close()
+            await wait_until(lambda: budget.used == 0)
+        request = pb.EmbedImageRequest(image=pb.Image(content=photo_bytes("rocket.jpg")))
+        reply = await pb_grpc.EmbeddingServiceStub(channel).EmbedImage(request, timeout=5)
+        assert len(reply.embedding.values) == 16
+
+
+@functools.cache
+def noise_jpeg(side: int) -> bytes:
+    """A side x side JPEG of noise: about as large on the wire as in memory."""
+    pixels = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+async def test_streams_waiting_to_read_on_keep_no_message_outside_the_budget(
+    base_settings: Settings,
+) -> None:
+    # Load g of bench/memory.py: 128 streams of 20 MB images peaked at 6.3 GiB in a 3 GiB
+    # container, with the budget under 0.6 GiB. Each stream's item was answered (its bytes
+    # given back to the budget), but while the stream waited for room to read its next
+    # message, grpc's request iterator, the gate and the stream's reader still held its last
+    # one. Here 6 streams send one 2 MiB image each, are answered, and wait on: 2 hold the
+    # read room, 4 wait for it. Python's own allocations (tracemalloc) then show what stayed.
+    size = len(noise_jpeg(1400))
+    image = pb.Image(content=noise_jpeg(1400))
+    streams = 6
+    answered = 0
+    async with live_server(read_room_settings(base_settings)) as server:
+        tracemalloc.start()  # once the server is up: loading models under it is slow
+        try:
+            budget = server.server.registry.budget
+            done = asyncio.Event()
+            channels = [own_channel(server) for _ in range(streams)]
+            gc.collect()
+            before = tracemalloc.get_traced_memory()[0]
+
+            async def one(channel: grpc.aio.Channel) -> None:
+                nonlocal answered
+
+                async def requests() -> AsyncIterator[pb.EmbedImageStreamRequest]:
+                    yield pb.EmbedImageStreamRequest(id="0", image=image)
+                    await done.wait()
+
+                call = pb_grpc.EmbeddingServiceStub(channel).EmbedImageStream(requests())
+                answer = await call.read()
+                assert isinstance(answer, pb.EmbedImageStreamResponse)
+                assert answer.WhichOneof("result") == "embedding"
+                answered += 1
+                await done.wait()
+                call.cancel()
+
+            tasks = [asyncio.ensure_future(one(channel)) for channel in channels]
+            try:
+                # Every image answered, the read room full again, the other streams waiting.
+                await wait_until(
+                    lambda: (
+                        answered == streams
+                        and budget.pool.used == 0
+                        and budget.reads.used == 8 * MIB
+                        and budget.reads.waiting
+                    )
+                )
+                await asyncio.sleep(0.5)
+                gc.collect()
+                kept = tracemalloc.get_traced_memory()[0] - before
+            finally:
+                done.set()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                for channel in channels:
+                    await channel.close(grace=None)
+        finally:
+            tracemalloc.stop()
+    # Each stream kept its message before (9 to 14 MB in all here); allow two images' worth
+    # for the rest (the client's side lives in this process too).
+    assert kept < 2 * size, (kept, size)
 
 
 # -- an attack of cheap files that are dear to decode ------------------------------------------

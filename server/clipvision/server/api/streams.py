@@ -93,6 +93,9 @@ async def answer_in_order(
                     # writer must end with UNAVAILABLE, not as if the client were done.
                     return
                 item = await start(request)
+                # Not held while the next one is read: reading may wait for memory (the gate's
+                # read room), and this request's bytes are counted only until it is answered.
+                del request
                 try:
                     await pending.put(item)
                 except asyncio.CancelledError:

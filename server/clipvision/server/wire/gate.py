@@ -369,21 +369,34 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         deserialize: Any,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[Any]:
-        messages = request_iterator.__aiter__()
         while True:
             # The last message's room, unless its item took it over.
             _release_unclaimed(call)
             hold = await self._reserve_read(call, context, None)
             try:
-                raw = await messages.__anext__()
-            except StopAsyncIteration:
-                return
+                # Not through grpc's request iterator: its generator keeps the last message it
+                # yielded until asked for the next, which may wait long for room; so each
+                # waiting stream kept a message outside the budget (20 MB images: 2.5 GiB for
+                # 128 streams). It also warned, collected never awaited, if the stream was
+                # cancelled while waiting for room.
+                raw = await context.read()
+            except BaseException:
+                # Cancelled or failed: given back here, not left on the call, since a stream's
+                # handler may read in a task of its own that ends after the call, when
+                # nothing would give it back any more.
+                if hold is not None:
+                    hold.release()
+                raise
             finally:
                 self._reading.pop(call, None)
+            if raw is grpc.aio.EOF:  # type: ignore[attr-defined]  # grpc-stubs predates it
                 if hold is not None:
-                    # Taken over by the handler's item, or given back at the next read (or
-                    # when the call ends, if anything below fails).
-                    call.mark.read_hold = hold
+                    hold.release()
+                return
+            if hold is not None:
+                # Taken over by the handler's item, or given back at the next read (or when
+                # the call ends, if anything below fails).
+                call.mark.read_hold = hold
             if call.slot is not None:
                 call.slot.touch()
             if hold is not None:
@@ -393,6 +406,10 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             # would otherwise stay in memory beside the parsed copy until the next one.
             del raw
             yield message
+            # Nor once handed over: the next read may wait long for room, and a stream holding
+            # its last message meanwhile holds it outside the budget (its item's admission
+            # gave those bytes back when it was answered).
+            del message
 
     async def _reserve_read(
         self, call: _Call, context: grpc.aio.ServicerContext[Any, Any], wait_s: float | None
