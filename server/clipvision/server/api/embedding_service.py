@@ -91,18 +91,17 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             held = take_read_hold()
             try:
                 model = await self._plane.model(request.model)
-            except ClipVisionError as exc:
-                if held is not None:
-                    held.release()
-                return self._answered(pb.EmbedImageStreamResponse(id=request.id), exc)
-            image = request.image
-            batcher = model.batcher
-            try:
+                batcher = model.batcher
                 await batcher.reserve(caller)
-            except BaseException:
+            except BaseException as exc:
+                # Refused, or the stream cancelled while waiting (a model loading, the queue
+                # full): the message's room goes back either way.
                 if held is not None:
                     held.release()
+                if isinstance(exc, ClipVisionError):
+                    return self._answered(pb.EmbedImageStreamResponse(id=request.id), exc)
                 raise
+            image = request.image
             normalize = flag(request, "normalize")
             future = self._images.start(model, caller, image, normalize, None, held)
             future.add_done_callback(lambda _: batcher.release(caller))
@@ -127,15 +126,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             try:
                 model = await self._plane.model(request.model)
                 batcher = model.text_tower().batcher
-            except ClipVisionError as exc:
-                if held is not None:
-                    held.release()
-                return self._answered(pb.EmbedTextStreamResponse(id=request.id), exc)
-            try:
                 await batcher.reserve(caller)
-            except BaseException:
+            except BaseException as exc:
                 if held is not None:
                     held.release()
+                if isinstance(exc, ClipVisionError):
+                    return self._answered(pb.EmbedTextStreamResponse(id=request.id), exc)
                 raise
             normalize = flag(request, "normalize")
             future = self._texts.start(
