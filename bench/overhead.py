@@ -25,6 +25,10 @@ pass. For each row, in one run on one machine:
   connection per caller): the HTTP layer's cost is their own work less the gRPC row's
   of the same pattern, in the same run (no bare floor: the gRPC one does not apply).
 
+With ``--preset ViT-B/32`` (served with --dummy-weights) the same rows run on a real
+model's compute: the protocol layers' share beside it (the own-work column is then
+within the noise of the in-process forward pass).
+
 It prints one table and writes JSON (--out).
 """
 
@@ -280,12 +284,13 @@ class ServerUnderTest:
 
 
 def clipvision_server(checkpoint: Path, args: Any) -> ServerUnderTest:
+    model = [args.preset, "--dummy-weights"] if args.preset else [f"tiny={checkpoint}"]
     command = [
         sys.executable,
         "-m",
         "clipvision.server.cli",
         "--model",
-        f"tiny={checkpoint}",
+        *model,
         "--backend",
         args.backend,
         "--device",
@@ -299,7 +304,7 @@ def clipvision_server(checkpoint: Path, args: Any) -> ServerUnderTest:
         *(["--http-address", "127.0.0.1:0"] if args.protocol != "grpc" else []),
         *args.server_flag,
     ]
-    return ServerUnderTest(command, "serving tiny")
+    return ServerUnderTest(command, f"serving {args.preset or 'tiny'}")
 
 
 def bare_server() -> ServerUnderTest:
@@ -310,7 +315,7 @@ def bare_server() -> ServerUnderTest:
 
 
 def load_process(
-    port: int | tuple[int, int],
+    port: int | tuple[int, int, str],
     row: Row,
     images: list[bytes],
     warmup: float,
@@ -320,9 +325,9 @@ def load_process(
     """Run ``row`` against ``port``; send 'open' and 'close' as the window opens and closes,
     then the items answered inside it and the window's length. ``port`` is the gRPC port,
     or (gRPC, HTTP) ports."""
-    grpc_port, http_port = port if isinstance(port, tuple) else (port, 0)
+    grpc_port, http_port, model = port if isinstance(port, tuple) else (port, 0, "tiny")
     run = (
-        _load_http(http_port, row, images, warmup, seconds, pipe)
+        _load_http(http_port, model, row, images, warmup, seconds, pipe)
         if row.protocol == "http"
         else (_load(grpc_port, row, images, warmup, seconds, pipe))
     )
@@ -354,6 +359,7 @@ async def _window(
 
 async def _load_http(
     port: int,
+    model: str,
     row: Row,
     images: list[bytes],
     warmup: float,
@@ -371,7 +377,7 @@ async def _load_http(
     bodies = [
         json.dumps(
             {
-                "model": "tiny",
+                "model": model,
                 "modality": row.modality,
                 "encoding_format": "base64",
                 "input": [items[(i + j) % len(items)] for j in range(row.per_call)]
@@ -522,7 +528,7 @@ def measure(server: ServerUnderTest, row: Row, images: list[bytes], args: Any) -
     """Run ``row`` in a load process; the server's CPU time is read as the window opens/closes."""
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
-    ports = (server.port, server.http_port)
+    ports = (server.port, server.http_port, args.preset or "tiny")
     load = context.Process(
         target=load_process, args=(ports, row, images, args.warmup, args.seconds, theirs)
     )
@@ -607,8 +613,9 @@ def pipeline_cpu_ms(checkpoint: Path, images: list[bytes], args: Any) -> dict[st
     from clipvision.server.runtime.text_encoder import ClipTextEncoder
 
     device = resolve_device(args.device)
+    spec = ModelSpec.parse(args.preset or f"tiny={checkpoint}")
     loaded = load_checkpoint(
-        ModelSpec.parse(f"tiny={checkpoint}"), device=device, dtype=resolve_dtype("auto", device)
+        spec, device=device, dtype=resolve_dtype("auto", device), dummy_weights=bool(args.preset)
     )
     runners: dict[str, Any] = {
         "backend": args.backend,
@@ -622,7 +629,7 @@ def pipeline_cpu_ms(checkpoint: Path, images: list[bytes], args: Any) -> dict[st
     texts = ClipTextEncoder("tiny", loaded.text, device, 65536, text_runner)
     encoder.warm_up((1, BATCH))
     texts.warm_up((1, BATCH))
-    rounds = 40
+    rounds = 3 if args.preset else 40
 
     def cpu(work: Callable[[], object], items: int) -> float:
         work()
@@ -678,6 +685,12 @@ def main(argv: list[str] | None = None) -> int:
         default="both",
         choices=("grpc", "http", "both"),
         help="the gRPC rows, the /v1/embeddings rows, or both (a server without HTTP: grpc)",
+    )
+    parser.add_argument(
+        "--preset",
+        default="",
+        help="serve this preset with --dummy-weights (e.g. ViT-B/32) instead of the tiny model: "
+        "the layers' cost beside a real model's compute",
     )
     parser.add_argument("--device", default="auto", help="the server's --device")
     parser.add_argument("--server-flag", action="append", default=[], help="extra server flags")
