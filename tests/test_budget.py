@@ -4,6 +4,7 @@ decode scheduling, round-robin batches and the decode estimate."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import io
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -16,8 +17,10 @@ import pytest
 from PIL import Image
 
 from clipvision.server.api.call_context import caller_of
+from clipvision.server.app import gate_limits
 from clipvision.server.config.flags import parse_settings
 from clipvision.server.config.limits import MIN_BUDGET, ImageLimits, byte_size
+from clipvision.server.config.settings import Settings, TlsFiles
 from clipvision.server.errors import InvalidImageError, OverloadedError, Reason
 from clipvision.server.resources.admission import FairPool, ItemCost, MemoryBudget
 from clipvision.server.resources.dispatch import FairDispatcher
@@ -405,6 +408,42 @@ def test_a_caller_is_its_certificate_identity_else_its_connection() -> None:
     )
     assert caller(None, "ipv4:10.0.0.1:5000") != caller(None, "ipv4:10.0.0.1:6000")
     assert caller(None, "ipv4:10.0.0.1:5000") != caller([b"ipv4:10.0.0.1:5000"], "x")
+
+
+class _CountingContext(_Context):
+    asked = 0
+
+    def peer_identities(self) -> list[bytes] | None:
+        self.asked += 1
+        return super().peer_identities()
+
+
+def test_a_call_asks_grpc_for_its_caller_once_and_never_without_client_certificates() -> None:
+    # Asking gRPC core for identities lets go of the GIL on the event loop: the gate asks
+    # before each message and the servicer once more, so a call's answer is kept.
+    def in_a_call(context: _CountingContext, certificates: bool) -> list[str]:
+        seen = cast(grpc.aio.ServicerContext[object, object], context)
+        return [caller_of(seen, certificates) for _ in range(3)] + [caller_of(seen)]
+
+    tls = _CountingContext([b"client-a"], "ipv4:10.0.0.1:5000")
+    answers = contextvars.copy_context().run(in_a_call, tls, True)
+    assert answers == ["identity:client-a"] * 4
+    assert tls.asked == 1
+    plain = _CountingContext(None, "ipv4:10.0.0.1:5000")
+    answers = contextvars.copy_context().run(in_a_call, plain, False)
+    assert answers == ["peer:ipv4:10.0.0.1:5000"] * 4
+    assert plain.asked == 0
+    # Another call (another context object) is never given the first one's answer.
+    other = _CountingContext([b"client-b"], "ipv4:10.0.0.2:5000")
+    assert contextvars.copy_context().run(in_a_call, other, True) == ["identity:client-b"] * 4
+
+
+def test_the_gate_asks_for_certificates_only_where_clients_present_them(tmp_path: Path) -> None:
+    pem = tmp_path / "x.pem"
+    pem.write_text("not read here")
+    assert not gate_limits(Settings()).client_certificates
+    assert not gate_limits(Settings(tls=TlsFiles(pem, pem))).client_certificates
+    assert gate_limits(Settings(tls=TlsFiles(pem, pem, pem))).client_certificates
 
 
 async def test_a_decode_on_a_stopped_pool_fails_and_gives_back_what_it_held() -> None:

@@ -122,6 +122,7 @@ def gate_limits(settings: Settings) -> GateLimits:
         max_streams_per_connection=settings.max_streams_per_connection,
         read_timeout_s=settings.request_read_timeout_s,
         stream_idle_timeout_s=settings.stream_idle_timeout_s,
+        client_certificates=settings.tls is not None and settings.tls.client_ca is not None,
     )
 
 

@@ -20,14 +20,17 @@ Context = grpc.aio.ServicerContext[object, object]
 _caller: ContextVar[tuple[Any, str] | None] = ContextVar("clipvision_caller", default=None)
 
 
-def caller_of(context: Context) -> str:
+def caller_of(context: Context, certificates: bool = True) -> str:
     """Who a call counts against for fair shares: its authenticated identity (mutual TLS),
     else its connection (``peer()`` names the client's address and port, one per connection).
+
+    ``certificates=False`` (the server asks no client for a certificate) skips asking gRPC
+    core for identities there cannot be.
     """
     known = _caller.get()
     if known is not None and known[0] is context:
         return known[1]
-    identities = context.peer_identities()
+    identities = context.peer_identities() if certificates else None
     if identities:
         caller = "identity:" + b",".join(identities).decode(errors="replace")
     else:

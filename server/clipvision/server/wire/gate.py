@@ -89,6 +89,9 @@ class GateLimits:
     # stream idle this long, is ended to make room; legitimate callers are never that slow.
     evict_reading_after_s: float = 1.0
     evict_idle_stream_after_s: float = 10.0
+    # Whether clients may present certificates (mutual TLS): without, a caller is its
+    # connection, and gRPC core is not asked for identities on every call.
+    client_certificates: bool = True
 
 
 @dataclass(eq=False)  # compared and hashed by identity: the gate keys calls in dicts
@@ -422,7 +425,7 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         """
         if self._budget is None:
             return None
-        caller = caller_of(context)
+        caller = caller_of(context, self.limits.client_certificates)
         hold = self._budget.try_reserve_read(caller)
         if hold is None:
             self._make_read_room()
