@@ -141,18 +141,17 @@ class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
                         f"The request has {count} elements and the model's queue holds "
                         f"{limit}; split it into several requests.",
                     )
-            except ClipVisionError as exc:
-                if held is not None:
-                    held.release()
-                return StreamItem(answered(self._stream_error(request, exc)), _same)
-            # Waiting here stops the reading: the stream's backpressure, as EmbedImageStream.
-            # The whole request at once, so that streams holding part of their requests
-            # cannot block each other.
-            try:
+                # Waiting here stops the reading: the stream's backpressure, as
+                # EmbedImageStream. The whole request at once, so that streams holding part
+                # of their requests cannot block each other.
                 await batcher.reserve(caller, count)
-            except BaseException:
+            except BaseException as exc:
+                # Refused, or the stream cancelled while waiting (a model loading, the
+                # queue full): the message's room goes back either way.
                 if held is not None:
                     held.release()
+                if isinstance(exc, ClipVisionError):
+                    return StreamItem(answered(self._stream_error(request, exc)), _same)
                 raise
 
             async def run() -> oip.ModelStreamInferResponse:
