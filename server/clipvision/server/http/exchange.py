@@ -40,7 +40,13 @@ from clipvision.server.errors import (
 )
 from clipvision.server.http.statuses import INTERNAL, Fault
 from clipvision.server.ops.auth import BearerToken
-from clipvision.server.ops.calls import CallRecord, open_call, open_gate_mark, request_id_from
+from clipvision.server.ops.calls import (
+    CallRecord,
+    log_failed_call,
+    open_call,
+    open_gate_mark,
+    request_id_from,
+)
 from clipvision.server.ops.logs import RateLimitedLog
 from clipvision.server.ops.metrics import ServerMetrics
 from clipvision.server.pipelines.scope import CallScope
@@ -292,53 +298,13 @@ class HttpExchange:
             self._metrics.on_call(label, name, record.elapsed_s, PROTOCOL)
         if code is None:
             return
-        if exc is not None:
-            level = logging.ERROR
-        elif code in _CALLER_CODES:
-            level = logging.INFO
-        else:
-            level = logging.WARNING
-        duration_ms = record.elapsed_s * 1000
-        logger.log(
-            level,
-            "HTTP %s failed: %s %s after %.1f ms (request id %s)",
-            label,
-            name,
-            reason or "-",
-            duration_ms,
-            record.request_id,
-            exc_info=exc,
-            extra={
-                "protocol": PROTOCOL,
-                "method": label,
-                "code": name,
-                "reason": reason,
-                "request_id": record.request_id,
-                "duration_ms": round(duration_ms, 3),
-            },
-        )
+        log_failed_call(logger, record, label, name, reason, exc, PROTOCOL)
 
     @staticmethod
     def _stamped(response: Response, record: CallRecord) -> Response:
         """The response with the request id and, for calls that embedded images, the
         timings gRPC sends as trailing metadata."""
         return _with_headers(response, dict(record.trailing_metadata()))
-
-
-# Failures the caller caused are routine (INFO); capacity and availability are the
-# operator's concern (WARNING); INTERNAL is a bug, logged with its traceback.
-_CALLER_CODES = frozenset(
-    {
-        Code.INVALID_ARGUMENT,
-        Code.NOT_FOUND,
-        Code.PERMISSION_DENIED,
-        Code.UNAUTHENTICATED,
-        Code.CANCELLED,
-        Code.DEADLINE_EXCEEDED,
-        Code.FAILED_PRECONDITION,
-        Code.UNIMPLEMENTED,
-    }
-)
 
 
 class _DisconnectedError(Exception):

@@ -10,6 +10,7 @@ stream items) copy the context, so they add to the same record.
 from __future__ import annotations
 
 import contextvars
+import logging
 import random
 import re
 import time
@@ -181,3 +182,60 @@ def take_read_hold() -> HeldBytes | None:
         return None
     hold, mark.read_hold = mark.read_hold, None
     return hold
+
+
+# Failures the caller caused are routine (INFO); capacity and availability are the
+# operator's concern (WARNING); INTERNAL is a bug, logged with its traceback.
+CALLER_FAULTS = frozenset(
+    {
+        "INVALID_ARGUMENT",
+        "NOT_FOUND",
+        "PERMISSION_DENIED",
+        "UNAUTHENTICATED",
+        "CANCELLED",
+        "DEADLINE_EXCEEDED",
+        "FAILED_PRECONDITION",
+        "UNIMPLEMENTED",
+    }
+)
+
+
+def log_failed_call(
+    log: logging.Logger,
+    record: CallRecord,
+    method: str,
+    code: str,
+    reason: str,
+    exc: BaseException | None = None,
+    protocol: str | None = None,
+) -> None:
+    """The one line a failed call leaves, gRPC's or (``protocol="http"``) HTTP's: its
+    level from who is at fault, its request id and duration, and the same as fields."""
+    if exc is not None:
+        level = logging.ERROR
+    elif code in CALLER_FAULTS:
+        level = logging.INFO
+    else:
+        level = logging.WARNING
+    duration_ms = record.elapsed_s * 1000
+    fields = {
+        "method": method,
+        "code": code,
+        "reason": reason,
+        "request_id": record.request_id,
+        "duration_ms": round(duration_ms, 3),
+    }
+    if protocol is not None:
+        fields["protocol"] = protocol
+    log.log(
+        level,
+        "%s%s failed: %s %s after %.1f ms (request id %s)",
+        f"{protocol.upper()} " if protocol is not None else "",
+        method,
+        code,
+        reason or "-",
+        duration_ms,
+        record.request_id,
+        exc_info=exc,
+        extra=fields,
+    )

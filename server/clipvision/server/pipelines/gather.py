@@ -8,6 +8,7 @@ from typing import Any, Protocol, TypeVar
 
 from clipvision.server.errors import OverloadedError
 from clipvision.server.ops.calls import HeldBytes
+from clipvision.server.resources.admission import Ticket
 
 T = TypeVar("T")
 
@@ -31,6 +32,26 @@ def settle_failed(future: asyncio.Future[Any], error: BaseException) -> None:
         future.cancel()
     else:
         future.set_exception(error)
+
+
+def admitted(wait: asyncio.Task[Ticket], future: asyncio.Future[Any]) -> Ticket | None:
+    """The ticket an item's wait for the memory budget ended with, or None when the item is
+    over: the wait cancelled or failed (the item's future is settled so) or the caller gone
+    meanwhile (the ticket given back)."""
+    if wait.cancelled():
+        if not future.done():
+            future.cancel()
+        return None
+    error = wait.exception()
+    if error is not None:
+        if not future.done():
+            settle_failed(future, error)
+        return None
+    ticket = wait.result()
+    if future.done():
+        ticket.release()  # admitted just as the caller left
+        return None
+    return ticket
 
 
 async def outcomes_of(futures: list[asyncio.Future[Any]]) -> list[Any]:

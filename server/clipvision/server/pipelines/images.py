@@ -28,7 +28,12 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from clipvision.server.ops.calls import CallRecord, HeldBytes, StageTimes, current_call
-from clipvision.server.pipelines.gather import give_back_read, outcomes_of, settle_failed
+from clipvision.server.pipelines.gather import (
+    admitted,
+    give_back_read,
+    outcomes_of,
+    settle_failed,
+)
 from clipvision.server.pipelines.sources import ImageSources
 from clipvision.server.resources.admission import (
     ItemCost,
@@ -239,18 +244,8 @@ class ImagePipeline:
 
     def _waited(self, item: _Item, probed: ProbedImage, task: asyncio.Task[Ticket]) -> None:
         item.task = None
-        if task.cancelled():
-            if not item.future.done():
-                item.future.cancel()
-            return
-        error = task.exception()
-        if error is not None:
-            if not item.future.done():
-                settle_failed(item.future, error)
-            return
-        ticket = task.result()
-        if item.future.done():
-            ticket.release()  # admitted just as the caller left
+        ticket = admitted(task, item.future)
+        if ticket is None:
             return
         self._admitted(item, ticket)
         decoded = ticket.start_decode()

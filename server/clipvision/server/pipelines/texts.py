@@ -23,7 +23,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from clipvision.server.ops.calls import CallRecord, HeldBytes, StageTimes, current_call
-from clipvision.server.pipelines.gather import give_back_read, outcomes_of, settle_failed
+from clipvision.server.pipelines.gather import (
+    admitted,
+    give_back_read,
+    outcomes_of,
+    settle_failed,
+)
 from clipvision.server.resources.admission import ItemCost, MemoryBudget, Ticket, seconds_left
 from clipvision.server.resources.dispatch import FairDispatcher, Job
 from clipvision.server.runtime.batcher import Embedded
@@ -209,18 +214,8 @@ class TextPipeline:
 
     def _waited(self, item: _Item, tokenized: TokenizedText, task: asyncio.Task[Ticket]) -> None:
         item.task = None
-        if task.cancelled():
-            if not item.future.done():
-                item.future.cancel()
-            return
-        error = task.exception()
-        if error is not None:
-            if not item.future.done():
-                settle_failed(item.future, error)
-            return
-        ticket = task.result()
-        if item.future.done():
-            ticket.release()  # admitted just as the caller left
+        ticket = admitted(task, item.future)
+        if ticket is None:
             return
         self._admitted(item, tokenized, ticket)
 

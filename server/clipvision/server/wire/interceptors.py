@@ -25,7 +25,13 @@ from clipvision.server.errors import (
     OverloadedError,
     Reason,
 )
-from clipvision.server.ops.calls import CallRecord, ended_by_gate, open_call, request_id_from
+from clipvision.server.ops.calls import (
+    CallRecord,
+    ended_by_gate,
+    log_failed_call,
+    open_call,
+    request_id_from,
+)
 from clipvision.server.ops.metrics import ServerMetrics
 from clipvision.v1 import embedding_service_pb2 as pb
 
@@ -99,20 +105,6 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-
         return handler
 
 
-# Failures the caller caused are routine (INFO); capacity and availability are the
-# operator's concern (WARNING); INTERNAL is a bug and is logged with its traceback.
-_CALLER_CODES = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-    }
-)
-
-
 class _CallBooks:
     """Opens each call's record and closes it with metadata, a count and a log line."""
 
@@ -176,30 +168,7 @@ class _CallBooks:
         reason: str,
         exc: BaseException | None = None,
     ) -> None:
-        if exc is not None:
-            level = logging.ERROR
-        elif code in _CALLER_CODES:
-            level = logging.INFO
-        else:
-            level = logging.WARNING
-        duration_ms = record.elapsed_s * 1000
-        logger.log(
-            level,
-            "%s failed: %s %s after %.1f ms (request id %s)",
-            self.method,
-            code.name,
-            reason or "-",
-            duration_ms,
-            record.request_id,
-            exc_info=exc,
-            extra={
-                "method": self.method,
-                "code": code.name,
-                "reason": reason,
-                "request_id": record.request_id,
-                "duration_ms": round(duration_ms, 3),
-            },
-        )
+        log_failed_call(logger, record, self.method, code.name, reason, exc)
 
 
 def _expired(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
