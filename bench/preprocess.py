@@ -16,6 +16,14 @@ count, in one run:
 
 and prints images/s, the speed-up over one worker, and the figure issue 20 sets a
 target for: threads at 2 workers at least 1.8x one worker.
+
+    .venv/bin/python bench/preprocess.py --sides 64,128,256,512 --crop 32
+
+measures instead, for one photograph re-encoded as a JPEG of each width, 1 and 2
+threads: images/s and CPU per image. Small images are mostly Python (header parsing,
+our own code), which holds the GIL: a second thread buys them little for more CPU,
+which is why the server's dispatcher runs light jobs one chunk at a time
+(resources/dispatch.py).
 """
 
 from __future__ import annotations
@@ -61,6 +69,61 @@ def _prepare_all(stop_at: float, counts: list[int], index: int) -> None:
             preprocessor.pixels(load_image(probe_image(data, limits)))
             done += 1
     counts[index] = done
+
+
+def by_side(sides: list[int], crop: int, seconds: float) -> list[dict[str, float]]:
+    """For a JPEG of each width (3:4, quality 90), preprocessed to a ``crop`` px square:
+    images/s and CPU ms per image, 1 and 2 threads, in this process."""
+    import io
+
+    from PIL import Image
+
+    from clipvision.server.config.limits import ImageLimits
+    from clipvision.server.runtime.preprocess import (
+        ClipPreprocessor,
+        PreprocessConfig,
+        load_image,
+        probe_image,
+    )
+
+    limits = ImageLimits()
+    preprocessor = ClipPreprocessor(PreprocessConfig.openai_clip(crop))
+    photo = Image.open(io.BytesIO(photographs()[0])).convert("RGB")
+    rows = []
+    for side in sides:
+        encoded = io.BytesIO()
+        photo.resize((side, side * 3 // 4)).save(encoded, "JPEG", quality=90)
+        data = encoded.getvalue()
+        counts = [0, 0]
+
+        def loop(
+            stop_at: float, index: int, data: bytes = data, counts: list[int] = counts
+        ) -> None:
+            done = 0
+            while time.monotonic() < stop_at:
+                preprocessor.pixels(load_image(probe_image(data, limits)))
+                done += 1
+            counts[index] = done
+
+        loop(time.monotonic() + 0.2, 0)  # warm
+        row: dict[str, float] = {"side": side, "bytes": len(data)}
+        for workers in (1, 2):
+            counts[:] = [0, 0]
+            cpu = time.process_time()
+            started = time.monotonic()
+            threads = [
+                threading.Thread(target=loop, args=(started + seconds, index))
+                for index in range(workers)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            done = sum(counts)
+            row[f"images_per_s_{workers}"] = done / (time.monotonic() - started)
+            row[f"cpu_ms_{workers}"] = (time.process_time() - cpu) * 1000 / done
+        rows.append(row)
+    return rows
 
 
 def with_threads(workers: int, seconds: float) -> float:
@@ -113,7 +176,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     parser.add_argument("--seconds", type=float, default=6.0, help="measured window per row")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument(
+        "--sides", default="", help="JPEG widths to compare 1 and 2 threads on (e.g. 64,128,256)"
+    )
+    parser.add_argument(
+        "--crop", type=int, default=224, help="with --sides: the crop (32: the tests' model)"
+    )
     args = parser.parse_args(argv)
+    if args.sides:
+        sides = [int(word) for word in args.sides.split(",")]
+        sized = by_side(sides, args.crop, args.seconds)
+        print(
+            f"\n{platform.machine()}, {os.cpu_count()} CPUs, Python "
+            f"{platform.python_version()}; preprocessed to a {args.crop} px crop\n"
+        )
+        print("| JPEG | 1 thread images/s | CPU/image | 2 threads | CPU/image | speed-up |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for row in sized:
+            print(
+                f"| {row['side']:.0f} px, {row['bytes'] / 1024:.1f} KiB "
+                f"| {row['images_per_s_1']:,.0f} | {row['cpu_ms_1']:.3f} ms "
+                f"| {row['images_per_s_2']:,.0f} | {row['cpu_ms_2']:.3f} ms "
+                f"| {row['images_per_s_2'] / row['images_per_s_1']:.2f}x |"
+            )
+        if args.out:
+            args.out.write_text(json.dumps({"machine": platform.platform(), "rows": sized}))
+        return 0
     counts = [int(word) for word in args.workers.split(",")]
     rows = []
     for workers in counts:

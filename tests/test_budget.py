@@ -20,7 +20,7 @@ from clipvision.server.api.call_context import caller_of
 from clipvision.server.app import gate_limits
 from clipvision.server.config.flags import parse_settings
 from clipvision.server.config.limits import MIN_BUDGET, ImageLimits, byte_size
-from clipvision.server.config.settings import Settings, TlsFiles
+from clipvision.server.config.settings import ModelSpec, Settings, TlsFiles
 from clipvision.server.errors import InvalidImageError, OverloadedError, Reason
 from clipvision.server.resources.admission import FairPool, ItemCost, MemoryBudget
 from clipvision.server.resources.dispatch import FairDispatcher
@@ -278,6 +278,61 @@ async def test_a_cancelled_job_in_a_running_chunk_never_starts() -> None:
     assert ran == ["running"], "a job whose caller left is not started"
     assert sorted(ended) == ["queued", "running"]
     assert dispatcher.running == 0
+
+
+async def test_light_jobs_run_one_chunk_at_a_time_heavy_ones_side_by_side() -> None:
+    # Small images for a small crop, and texts, are mostly Python: two threads would only
+    # take turns on the GIL. Decodes that let go of it spread (and light jobs beside them).
+    gate = threading.Event()
+    inside = 0
+    most = 0
+    lock = threading.Lock()
+
+    def job() -> None:
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        gate.wait(5)
+        with lock:
+            inside -= 1
+
+    async def peak(light: list[bool]) -> tuple[int, int]:
+        nonlocal most
+        most = 0
+        gate.clear()
+        with ThreadPoolExecutor(2) as executor:
+            dispatcher = FairDispatcher(executor, slots=2, max_chunk=1)
+            jobs = []
+            for index, flag in enumerate(light):
+                jobs.append(dispatcher.submit(f"c{index}", 1, job, lambda _: None, light=flag))
+                await asyncio.sleep(0.02)  # each in its own turn of the loop
+            running = dispatcher.running
+            gate.set()
+            for _ in range(200):
+                if not dispatcher.running:
+                    break
+                await asyncio.sleep(0.01)
+        assert not any(queued.queued for queued in jobs)
+        return running, most
+
+    assert await peak([True, True, True]) == (1, 1)
+    assert await peak([False, False, True]) == (2, 2)
+    assert await peak([False, True]) == (2, 2), "a light job may run beside a heavy one"
+    assert await peak([True, False]) == (2, 2), "and a heavy one beside a light one"
+
+
+def test_a_small_image_for_a_small_crop_is_light_work(clip_dir: Path) -> None:
+    import torch
+
+    from clipvision.server.runtime.checkpoint import load_checkpoint
+    from clipvision.server.runtime.image_encoder import ClipImageEncoder
+
+    spec = ModelSpec.parse(f"tiny={clip_dir}")  # a 32 px crop
+    loaded = load_checkpoint(spec, device=torch.device("cpu"), dtype=torch.float32)
+    tiny = ClipImageEncoder("tiny", str(clip_dir), loaded, ImageLimits())
+    assert tiny.light_job(1500)
+    assert not tiny.light_job(6000), "a larger image: the decode lets go of the GIL"
 
 
 class _FakeDevice:

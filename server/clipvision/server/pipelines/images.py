@@ -219,6 +219,7 @@ class ImagePipeline:
             ),
             functools.partial(self._probed, item),
             item.future.done,
+            light=item.model.encoder.light_job(len(data)),
         )
 
     def _probed(self, item: _Item, outcome: _Probed | _Decoded | BaseException) -> None:

@@ -187,6 +187,7 @@ class TextPipeline:
             functools.partial(_tokenize, tower, text, truncate),
             functools.partial(self._tokenized, item),
             item.future.done,
+            light=True,  # tokenizing one text holds the GIL throughout
         )
         return item.future
 

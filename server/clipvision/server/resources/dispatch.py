@@ -13,6 +13,15 @@ when several threads are free) goes to that thread in one hand-over, and comes
 back in one. A hand-over costs about 80 us of CPU (a thread wake-up each way and
 the event loop's wake-up), more than a small image's whole decode, so under load
 it is paid per chunk, not per job; an idle pool still starts a lone job at once.
+
+Light jobs run one chunk at a time. A second thread pays only for work that lets go
+of the GIL (Pillow's decoding and resampling, which grow with the pixels in and
+out); a job that is mostly Python (a small image for a small crop, a text to
+tokenize) holds it, so two such chunks side by side take turns on the GIL and only
+add the cost of handing it over: 64 px JPEGs for the tests' 32 px model went at
+0.67-1.0x the images/s on two threads as on one, for 1.4-2x the CPU per image (docs/
+PERFORMANCE.md). The submitter says which jobs are light; another chunk goes out
+beside running ones only when a queued job or a running chunk is not.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ class JobDropped(RuntimeError):  # noqa: N818 (an outcome, not a fault)
 class Job(Generic[T]):
     """One queued job; ``FairDispatcher.drop`` takes it back while it has not started."""
 
-    __slots__ = ("abandoned", "caller", "finish", "queued", "weight", "work")
+    __slots__ = ("abandoned", "caller", "finish", "light", "queued", "weight", "work")
 
     def __init__(
         self,
@@ -48,12 +57,14 @@ class Job(Generic[T]):
         work: Callable[[], T],
         finish: Callable[[T | BaseException], None],
         abandoned: Callable[[], bool] | None,
+        light: bool = False,
     ) -> None:
         self.caller = caller
         self.weight = weight
         self.work = work
         self.finish = finish
         self.abandoned = abandoned
+        self.light = light
         self.queued = True
 
 
@@ -107,7 +118,9 @@ class FairDispatcher:
         self._slice_s = slice_s
         self._flush_pending = False
         self._running = 0  # chunks in the executor
+        self._light_running = 0  # of which chunks of light jobs only
         self._queued = 0  # jobs waiting for a chunk
+        self._queued_heavy = 0  # of which jobs not light
         self._queues: dict[str, collections.deque[Job[Any]]] = {}
         # Weight served per caller with jobs queued or running (charged when a job goes
         # into a chunk); a caller that comes back starts level with the least served, not
@@ -129,8 +142,13 @@ class FairDispatcher:
         work: Callable[[], T],
         finish: Callable[[T | BaseException], None],
         abandoned: Callable[[], bool] | None = None,
+        *,
+        light: bool = False,
     ) -> Job[T]:
         """Queue ``work`` for ``caller``; ``finish`` gets its outcome on the event loop.
+
+        ``light``: the work is mostly Python (it holds the GIL), so it runs in no chunk
+        beside another chunk of light jobs.
 
         ``finish`` is called exactly once: with the result, the exception the work
         raised, or JobDropped when the job was dropped before it started (``drop``, or
@@ -145,9 +163,10 @@ class FairDispatcher:
                 default=0,
             )
         self._jobs[caller] = self._jobs.get(caller, 0) + 1
-        job = Job(caller, weight, work, finish, abandoned)
+        job = Job(caller, weight, work, finish, abandoned, light)
         self._queues.setdefault(caller, collections.deque()).append(job)
         self._queued += 1
+        self._queued_heavy += not light
         if self._running < self._slots and not self._flush_pending:
             # Handed over at the end of this turn of the event loop, with whatever else
             # this turn submits (the images of one call, of calls that arrived together).
@@ -169,6 +188,7 @@ class FairDispatcher:
         if not queue:
             del self._queues[job.caller]
         self._queued -= 1
+        self._queued_heavy -= not job.light
         job.queued = False
         self._leave(job.caller)
         _finish(job, JobDropped("the caller left before the job started"))
@@ -208,20 +228,27 @@ class FairDispatcher:
 
     def _dispatch(self) -> None:
         while self._running < self._slots and self._queued:
+            if self._running and self._light_running == self._running and not self._queued_heavy:
+                break  # light jobs beside light jobs would only take turns on the GIL
             free = self._slots - self._running
             share = -(-self._queued // free)  # ceil: every free thread gets some
             chunk = self._take(min(self._max_chunk, share))
             if not chunk:
                 continue  # only abandoned jobs were queued; they are finished now
+            light = all(job.light for job in chunk)
             self._running += 1
+            self._light_running += light
             try:
                 handed = self._executor.submit(_run_chunk, chunk, self._slice_s)
             except RuntimeError as exc:  # the executor has shut down: the server stops
                 self._running -= 1
+                self._light_running -= light
                 self._out_of_chunk(chunk)
                 self._finish(chunk, [JobDropped(str(exc))] * len(chunk))
                 continue
-            handed.add_done_callback(functools.partial(self._from_worker, chunk=chunk))
+            handed.add_done_callback(
+                functools.partial(self._from_worker, chunk=chunk, light=light)
+            )
 
     def _take(self, limit: int) -> list[Job[Any]]:
         """Up to ``limit`` jobs, least-served caller first, within the chunk weight."""
@@ -242,6 +269,7 @@ class FairDispatcher:
             if not queue:
                 del self._queues[caller]
             self._queued -= 1
+            self._queued_heavy -= not job.light
             job.queued = False
             if job.abandoned is not None and job.abandoned():
                 self._leave(caller)
@@ -253,14 +281,15 @@ class FairDispatcher:
             chunk.append(job)
         return chunk
 
-    def _from_worker(self, handed: Future[list[Any]], chunk: list[Job[Any]]) -> None:
+    def _from_worker(self, handed: Future[list[Any]], chunk: list[Job[Any]], light: bool) -> None:
         # In the worker thread: hand the outcomes to the event loop in one wake-up.
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # a closed loop: the process is exiting
-            self._loop.call_soon_threadsafe(self._chunk_done, handed, chunk)
+            self._loop.call_soon_threadsafe(self._chunk_done, handed, chunk, light)
 
-    def _chunk_done(self, handed: Future[list[Any]], chunk: list[Job[Any]]) -> None:
+    def _chunk_done(self, handed: Future[list[Any]], chunk: list[Job[Any]], light: bool) -> None:
         self._running -= 1
+        self._light_running -= light
         self._out_of_chunk(chunk)
         if handed.cancelled():
             outcomes: list[Any] = [JobDropped("the executor shut down")] * len(chunk)
@@ -288,6 +317,7 @@ class FairDispatcher:
             self._queues.setdefault(job.caller, collections.deque()).appendleft(job)
             job.queued = True
             self._queued += 1
+            self._queued_heavy += not job.light
 
     def _finish(self, chunk: list[Job[Any]], outcomes: list[Any]) -> None:
         for job, outcome in zip(chunk, outcomes, strict=True):

@@ -93,6 +93,20 @@ class ClipImageEncoder:
             return self.preprocessor.rgb(image)
         return self.preprocessor.pixels(image)
 
+    def light_job(self, encoded_bytes: int) -> bool:
+        """Whether decoding and preprocessing an image of ``encoded_bytes`` is mostly Python
+        work, which holds the GIL: a small JPEG for a small crop (the tests' 32 px model).
+        Pillow's decode and resize let go of the GIL, and from a few KiB in (or a 224 px
+        crop out) they are most of the time: two threads then give 1.4-2x one's images/s;
+        for a 2.4 KiB JPEG to a 32 px crop, 0.67x for twice the CPU per image
+        (bench/preprocess.py --sides 64,128,256 --crop 32, docs/PERFORMANCE.md)."""
+        if encoded_bytes >= _LIGHT_ENCODED_BYTES:
+            return False
+        if self.geometry is not None:
+            return True  # the device resizes: the CPU only decodes
+        config = self.checkpoint.preprocess
+        return config.crop_width * config.crop_height <= _LIGHT_OUTPUT_PIXELS
+
     def probe(self, data: bytes) -> ProbedImage:
         """Parse and check one encoded image's header under the limits, decoding nothing."""
         return probe_image(data, self.limits)
@@ -214,6 +228,11 @@ class ClipImageEncoder:
         arrays = [image for image in pixels if not isinstance(image, EncodedJpeg)]
         assert len(arrays) == len(pixels), "JPEGs to decode on the GPU need device resizing"
         return self.to_host(self.forward(np.stack(arrays)))
+
+
+# Below both, a decode and preprocess is mostly Python (resources/dispatch.py: light jobs).
+_LIGHT_ENCODED_BYTES = 4 << 10
+_LIGHT_OUTPUT_PIXELS = 64 * 64
 
 
 def l2_normalize_rows(rows: FloatArray) -> FloatArray:
