@@ -17,7 +17,8 @@ pass. For each row, in one run on one machine:
 - the server's own work = the two subtracted;
 - the floor: a bare grpc.aio server in the same venv, whose handlers receive the
   same request messages (parsed by grpc) and answer a 16-float embedding, under
-  the same load: its CPU per message (per item for the batch rows);
+  the same load: its CPU per message (per item for the batch rows), on the same
+  event loop as the server (``--loop``: uvloop where installed, as the server's default);
 - own work / floor, the figure issue 20 sets targets for (at most 2x for the
   stream and unary rows, 8x for the 32-item batch rows);
 - the same patterns over HTTP (`POST /v1/embeddings`, OpenAI's shape, base64 vectors
@@ -302,13 +303,16 @@ def clipvision_server(checkpoint: Path, args: Any) -> ServerUnderTest:
         "--metrics-address",
         "127.0.0.1:0",
         *(["--http-address", "127.0.0.1:0"] if args.protocol != "grpc" else []),
+        "--loop",
+        args.loop,
         *args.server_flag,
     ]
     return ServerUnderTest(command, f"serving {args.preset or 'tiny'}")
 
 
-def bare_server() -> ServerUnderTest:
-    return ServerUnderTest([sys.executable, __file__, "--bare-server"], "listening on")
+def bare_server(args: Any) -> ServerUnderTest:
+    command = [sys.executable, __file__, "--bare-server", "--loop", args.loop]
+    return ServerUnderTest(command, "listening on")
 
 
 # -- the load generator, in its own process -----------------------------------------------------
@@ -693,6 +697,12 @@ def main(argv: list[str] | None = None) -> int:
         "the layers' cost beside a real model's compute",
     )
     parser.add_argument("--device", default="auto", help="the server's --device")
+    parser.add_argument(
+        "--loop",
+        default="auto",
+        choices=("auto", "uvloop", "asyncio"),
+        help="the event loop of the server and of the bare floor (the server's --loop)",
+    )
     parser.add_argument("--server-flag", action="append", default=[], help="extra server flags")
     parser.add_argument("--profile", default="", help="py-spy the server into this folder")
     parser.add_argument(
@@ -703,7 +713,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.bare_server:
-        asyncio.run(run_bare_server())
+        # On the event loop the server runs on: the floor is grpc.aio's cost on it.
+        from clipvision.server.cli import loop_factory
+
+        with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
+            runner.run(run_bare_server())
         return 0
     wanted = [word.strip() for word in args.rows.split(",") if word.strip()]
     rows = [
@@ -729,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
         results["in_process_ms"] = inprocess
         floor: dict[str, Measured] = {}
         if not args.no_floor:
-            with bare_server() as bare:
+            with bare_server(args) as bare:
                 for row in rows:
                     if row.protocol == "grpc":
                         floor[row.name] = measure(bare, row, images, args)

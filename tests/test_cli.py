@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
@@ -32,8 +33,35 @@ async def test_sigterm_drains_in_flight_calls_and_exits_zero(clip_dir: Path) -> 
             assert len(response.embedding.values) == 16
         code, log = await server.finish()
     assert code == 0, log
+    assert "event loop: uvloop" in log, "the server extra's uvloop runs the loop by default"
     assert "draining" in log
     assert "stopped" in log
+
+
+async def test_the_loop_flag_picks_asyncio_and_a_missing_uvloop_is_one_line(
+    clip_dir: Path, tmp_path: Path
+) -> None:
+    async with server_process(
+        "--model", f"tiny={clip_dir}", "--device", "cpu", "--loop", "asyncio"
+    ) as server:
+        await server.wait_for(r"serving tiny")
+        assert any("event loop: asyncio" in line for line in server.log)
+        server.process.send_signal(signal.SIGTERM)
+        code, _ = await server.finish()
+    assert code == 0
+    # Where uvloop cannot be imported, --loop uvloop says so in one line (auto falls back).
+    (tmp_path / "uvloop.py").write_text("raise ModuleNotFoundError('no uvloop', name='uvloop')\n")
+    async with server_process(
+        "--model",
+        f"tiny={clip_dir}",
+        "--loop",
+        "uvloop",
+        env={"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])},
+    ) as server:
+        code, log = await server.finish()
+    assert code == 2
+    assert "--loop uvloop, but uvloop is not installed" in log
+    assert "Traceback" not in log
 
 
 async def test_missing_checkpoint_stops_the_server_with_a_clear_message(tmp_path: Path) -> None:

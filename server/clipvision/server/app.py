@@ -363,6 +363,7 @@ async def serve(settings: Settings) -> int:
     host = settings.address.rpartition(":")[0]
     logger.info("listening on %s:%d", host, port)
     loop = asyncio.get_running_loop()
+    logger.info("event loop: %s", type(loop).__module__.partition(".")[0])
     stop_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)

@@ -414,6 +414,14 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         type=_positive_int,
     )
     option(
+        "--loop",
+        defaults.event_loop,
+        "the event loop: auto (uvloop where installed, as the server extra installs it, else "
+        "asyncio's), uvloop or asyncio; uvloop's costs the server about a quarter less CPU "
+        "per call (docs/PERFORMANCE.md)",
+        choices=["auto", "uvloop", "asyncio"],
+    )
+    option(
         "--grace-period",
         defaults.grace_period_s,
         "seconds in-flight calls get to finish on SIGTERM",
@@ -576,6 +584,7 @@ def parse_settings(
         reuse_port=args.reuse_port,
         watchdog_timeout_s=args.watchdog_timeout,
         preprocess_workers=args.preprocess_workers,
+        event_loop=args.loop,
         grace_period_s=args.grace_period,
         keepalive_time_s=args.keepalive_time,
         keepalive_timeout_s=args.keepalive_timeout,

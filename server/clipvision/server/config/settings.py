@@ -112,6 +112,7 @@ class Settings:
     watchdog_timeout_s: float = 60.0
     # The CPUs the process may use (cgroup quota, affinity), not the host's core count.
     preprocess_workers: int = available_cpus()
+    event_loop: str = "auto"  # auto (uvloop where installed), uvloop or asyncio
     grace_period_s: float = 10.0
     keepalive_time_s: float = 60.0
     keepalive_timeout_s: float = 20.0
