@@ -591,7 +591,7 @@ def _profile(pid: int, row: Row, args: Any) -> subprocess.Popen[bytes]:
             args.profile_format,
             "--output",
             str(out / f"{name}.{'svg' if args.profile_format == 'flamegraph' else 'txt'}"),
-            "--nonblocking",
+            *(["--native"] if os.environ.get("OV_NATIVE") else ["--nonblocking"]),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -768,6 +768,7 @@ def main(argv: list[str] | None = None) -> int:
             base = floor[row.name]
             entry["floor_items_per_s"] = base.items_per_s
             entry["floor_cpu_ms_per_item"] = base.cpu_ms_per_item
+            entry["floor_threads_ms_per_item"] = base.threads_ms_per_item
             entry["own_over_floor"] = own / base.cpu_ms_per_item
             entry["target"] = 8.0 if row.kind == "batch" else 2.0
         twin = GRPC_TWIN.get(row.name)
@@ -818,7 +819,14 @@ def print_table(results: dict[str, Any]) -> None:
         split = ", ".join(
             f"{kind} {ms:.3f} ms" for kind, ms in sorted(entry["threads_ms_per_item"].items())
         )
-        print(f"- {entry['row']['name']}: {split}; mean batch {entry['mean_batch']:.1f}")
+        bare = ", ".join(
+            f"{kind} {ms:.3f} ms"
+            for kind, ms in sorted(entry.get("floor_threads_ms_per_item", {}).items())
+        )
+        print(
+            f"- {entry['row']['name']}: {split}; mean batch {entry['mean_batch']:.1f}"
+            + (f" (bare grpc.aio: {bare})" if bare else "")
+        )
 
 
 if __name__ == "__main__":

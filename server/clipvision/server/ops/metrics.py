@@ -315,17 +315,22 @@ class ServerMetrics:
         self._http: MetricsHTTPServer | None = None
         self._image_stages: dict[str, tuple[Any, Any, Any]] = {}
         self._text_stages: dict[str, tuple[Any, Any]] = {}
+        self._batch_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
+        self._call_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     def on_batch(self, model: str, size: int, seconds: float, modality: str = "image") -> None:
         """Record one batch that went through the device."""
-        if modality == "text":
-            self.text_batch_size.labels(model).observe(size)
-            self.text_inference_seconds.labels(model).observe(seconds)
-            self.texts_embedded.labels(model).inc(size)
-            return
-        self.batch_size.labels(model).observe(size)
-        self.inference_seconds.labels(model).observe(seconds)
-        self.images_embedded.labels(model).inc(size)
+        children = self._batch_children.get((model, modality))
+        if children is None:  # looked up once per model: labels() costs more than observe()
+            text = modality == "text"
+            children = self._batch_children[(model, modality)] = (
+                (self.text_batch_size if text else self.batch_size).labels(model),
+                (self.text_inference_seconds if text else self.inference_seconds).labels(model),
+                (self.texts_embedded if text else self.images_embedded).labels(model),
+            )
+        children[0].observe(size)
+        children[1].observe(seconds)
+        children[2].inc(size)
 
     def on_model_loaded(self, model: str, seconds: float) -> None:
         """Record how long a model took to load and warm up."""
@@ -361,8 +366,14 @@ class ServerMetrics:
 
     def on_call(self, method: str, code: str, seconds: float, protocol: str = "grpc") -> None:
         """Count one finished call and its duration."""
-        self.requests.labels(protocol, method, code).inc()
-        self.request_seconds.labels(protocol, method).observe(seconds)
+        children = self._call_children.get((protocol, method, code))
+        if children is None:  # methods and codes are few: each pair looked up once
+            children = self._call_children[(protocol, method, code)] = (
+                self.requests.labels(protocol, method, code),
+                self.request_seconds.labels(protocol, method),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def on_refused(self, method: str, code: str, reason: str, protocol: str = "grpc") -> None:
         """Count one call refused before its handler ran (the gate, or HTTP's checks)."""

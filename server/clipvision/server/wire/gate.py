@@ -142,6 +142,9 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             ),
         }
         self._log = RateLimitedLog(logger)
+        # Per registered method: the handler behind the gate and the guarded one, built once
+        # (a guarded handler keeps each call's state in the call, not in itself).
+        self._guarded_handlers: dict[str, tuple[Handler, Handler]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         if metrics is not None:
             metrics.watch_call_slots({pool.name: pool for pool in self.pools.values()})
@@ -193,7 +196,12 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             refusal = self._token.refusal(handler_call_details.invocation_metadata or ())
             if refusal is not None:
                 return self._refusal_handler(method, refusal)
-        return self._guarded(handler, kind, method)
+        cached = self._guarded_handlers.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        guarded = self._guarded(handler, kind, method)
+        self._guarded_handlers[method] = (handler, guarded)
+        return guarded
 
     def refuse_unregistered(self) -> grpc.Status:
         """Count and log (at a bounded rate) a call on a path no service registered, which the
@@ -283,29 +291,45 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     # -- admission, reading, parsing ------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _admitted(
+    def _admitted(
         self, kind: CallKind, label: str, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[_Call]:
+    ) -> _Admission:
         """Hold a slot of ``kind``'s pool for the call; end it with its error if evicted."""
+        return _Admission(self, kind, label, context)
+
+    async def _enter(
+        self, kind: CallKind, label: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> _Call:
         call = _Call(label, asyncio.current_task(), open_gate_mark(), kind)
         pool = self.pools.get(kind)
         if pool is not None:
             call.slot = pool.acquire(context.peer(), lambda: self._evict(call, kind))
             if call.slot is None:
                 await self._refuse(context, label, _full(pool))
+        return call
+
+    async def _exit(
+        self,
+        call: _Call,
+        context: grpc.aio.ServicerContext[Any, Any],
+        error: BaseException | None,
+    ) -> bool:
+        """Whatever the call ended with: give back its slot and read room, and answer an
+        evicted call or a reading or parsing fault with its status (True: handled)."""
         try:
-            yield call
-        except asyncio.CancelledError:
-            if call.ended_with is None:
-                raise  # the caller cancelled, or the server is stopping
-            if call.task is not None:
-                call.task.uncancel()
-            await self._refuse(context, label, call.ended_with)
-        except ClipVisionError as error:
-            # From reading or parsing; EmbeddingService maps its own errors before they get here.
-            error.__traceback__ = None  # grpc keeps the abort in a cycle with the call
-            await self._refuse(context, label, error)
+            if isinstance(error, asyncio.CancelledError):
+                if call.ended_with is None:
+                    return False  # the caller cancelled, or the server is stopping
+                if call.task is not None:
+                    call.task.uncancel()
+                await self._refuse(context, call.label, call.ended_with)
+                return True
+            if isinstance(error, ClipVisionError):
+                # From reading or parsing; EmbeddingService maps its own errors before here.
+                error.__traceback__ = None  # grpc keeps the abort in a cycle with the call
+                await self._refuse(context, call.label, error)
+                return True
+            return False
         finally:
             self._reading.pop(call, None)
             _release_unclaimed(call)
@@ -340,16 +364,13 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         hold = await self._reserve_read(call, context, timeout)
         # Given back when the call ends, whatever happens, unless the handler takes it over.
         call.mark.read_hold = hold
+        # A timer that ends the call as an eviction does (_admitted answers with the error):
+        # one loop timer (asyncio.timeout's context manager showed in the loop's profile).
+        timer = asyncio.get_running_loop().call_later(timeout, self._read_expired, call)
         try:
-            async with asyncio.timeout(timeout):
-                raw = await context.read()
-        except TimeoutError:
-            raise RequestTimeoutError(
-                Reason.REQUEST_READ_TIMEOUT,
-                f"The request message did not arrive within {timeout:g} s of the call's start; "
-                "send it right after the call starts.",
-            ) from None
+            raw = await context.read()
         finally:
+            timer.cancel()
             self._reading.pop(call, None)
         if raw is grpc.aio.EOF:  # type: ignore[attr-defined]  # grpc-stubs predates it
             raise InvalidRequestError(
@@ -364,6 +385,17 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             # admitted (it takes the hold over) or the call ends.
             hold.shrink(2 * len(raw))
         return _parse(raw, deserialize)
+
+    def _read_expired(self, call: _Call) -> None:
+        if call.ended_with is not None or call.task is None or call.task.done():
+            return
+        call.ended_with = RequestTimeoutError(
+            Reason.REQUEST_READ_TIMEOUT,
+            f"The request message did not arrive within {self.limits.read_timeout_s:g} s of "
+            "the call's start; send it right after the call starts.",
+        )
+        call.mark.ended_by_gate = True
+        call.task.cancel()
 
     async def _messages(
         self,
@@ -463,6 +495,34 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             _peer(context),
         )
         await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+class _Admission:
+    """``async with`` a call's admission by the gate (a class, not a generator-based context
+    manager: it runs for every call, and costs less so)."""
+
+    __slots__ = ("_call", "_context", "_gate", "_kind", "_label")
+
+    def __init__(
+        self,
+        gate: CallGate,
+        kind: CallKind,
+        label: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        self._gate = gate
+        self._kind = kind
+        self._label = label
+        self._context = context
+        self._call: _Call | None = None
+
+    async def __aenter__(self) -> _Call:
+        self._call = await self._gate._enter(self._kind, self._label, self._context)
+        return self._call
+
+    async def __aexit__(self, kind: Any, error: BaseException | None, trace: Any) -> bool:
+        assert self._call is not None
+        return await self._gate._exit(self._call, self._context, error)
 
 
 def _kind(method: str, handler: Handler) -> CallKind:

@@ -78,6 +78,9 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-
 
     def __init__(self, metrics: ServerMetrics | None = None) -> None:
         self._metrics = metrics
+        # Per registered method: the handler grpc found and its wrapped form, built once
+        # (the wrapping holds no state of a call).
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -91,6 +94,16 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-
         # Health and reflection keep their own semantics; only our services are mapped.
         if handler is None or not method.startswith(MAPPED_SERVICES):
             return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         books = _CallBooks(method.rpartition("/")[2], self._metrics)
         # RpcMethodHandler is a namedtuple; _replace swaps in the wrapped behaviour.
         replace: Callable[..., grpc.RpcMethodHandler[Any, Any]] = handler._replace  # type: ignore[attr-defined]
