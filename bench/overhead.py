@@ -591,7 +591,9 @@ def _profile(pid: int, row: Row, args: Any) -> subprocess.Popen[bytes]:
             args.profile_format,
             "--output",
             str(out / f"{name}.{'svg' if args.profile_format == 'flamegraph' else 'txt'}"),
-            *(["--native"] if os.environ.get("OV_NATIVE") else ["--nonblocking"]),
+            # Native frames (grpc's Cython, uvloop, libc) need py-spy to stop the process
+            # for each sample, which slows it many times: shares, not rates, then.
+            *(["--native"] if args.profile_native else ["--nonblocking"]),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -707,6 +709,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="", help="py-spy the server into this folder")
     parser.add_argument(
         "--profile-format", default="raw", choices=("raw", "flamegraph", "speedscope")
+    )
+    parser.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="with --profile: native frames too (the server runs far slower meanwhile)",
     )
     parser.add_argument("--no-floor", action="store_true", help="skip the bare server")
     parser.add_argument("--out", default="", help="write the results as JSON here")
