@@ -303,15 +303,15 @@ def clipvision_server(checkpoint: Path, args: Any) -> ServerUnderTest:
         "--metrics-address",
         "127.0.0.1:0",
         *(["--http-address", "127.0.0.1:0"] if args.protocol != "grpc" else []),
-        "--loop",
-        args.loop,
+        # auto is the server's default: not passed, so trees older than --loop run too.
+        *(["--loop", args.loop] if args.loop != "auto" else []),
         *args.server_flag,
     ]
     return ServerUnderTest(command, f"serving {args.preset or 'tiny'}")
 
 
 def bare_server(args: Any) -> ServerUnderTest:
-    command = [sys.executable, __file__, "--bare-server", "--loop", args.loop]
+    command = [sys.executable, __file__, "--bare-server", "--loop", args.floor_loop or args.loop]
     return ServerUnderTest(command, "listening on")
 
 
@@ -704,6 +704,13 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         choices=("auto", "uvloop", "asyncio"),
         help="the event loop of the server and of the bare floor (the server's --loop)",
+    )
+    parser.add_argument(
+        "--floor-loop",
+        default="",
+        choices=("", "auto", "uvloop", "asyncio"),
+        help="the bare floor's event loop, where it differs (asyncio: for a server tree "
+        "from before --loop, which runs on asyncio's)",
     )
     parser.add_argument("--server-flag", action="append", default=[], help="extra server flags")
     parser.add_argument("--profile", default="", help="py-spy the server into this folder")
