@@ -727,10 +727,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.bare_server:
-        # On the event loop the server runs on: the floor is grpc.aio's cost on it.
-        from clipvision.server.cli import loop_factory
+        # On the event loop the server runs on: the floor is grpc.aio's cost on it (chosen
+        # here as the server's --loop chooses, without importing a server tree).
+        factory = None
+        if args.loop != "asyncio":
+            try:
+                import uvloop
 
-        with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
+                factory = uvloop.new_event_loop
+            except ModuleNotFoundError:
+                if args.loop == "uvloop":
+                    raise
+        with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(run_bare_server())
         return 0
     wanted = [word.strip() for word in args.rows.split(",") if word.strip()]
