@@ -45,9 +45,9 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The event loop ``--loop`` asks for: uvloop's (auto, where installed) or asyncio's (None).
 
     uvloop runs the loop's own work (callbacks, timers, wake-ups from the worker
-    threads) in C on libuv: measured by bench/overhead.py, about a quarter less of the
-    server's own CPU per call than asyncio's loop (docs/PERFORMANCE.md). grpc.aio and
-    uvicorn run on either.
+    threads) in C on libuv: bench/overhead.py measured 7-20 % less of the server's CPU
+    per item than on asyncio's loop (docs/PERFORMANCE.md). grpc.aio and uvicorn run on
+    either.
     """
     if choice == "asyncio":
         return None

@@ -417,8 +417,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "--loop",
         defaults.event_loop,
         "the event loop: auto (uvloop where installed, as the server extra installs it, else "
-        "asyncio's), uvloop or asyncio; uvloop's costs the server about a quarter less CPU "
-        "per call (docs/PERFORMANCE.md)",
+        "asyncio's), uvloop or asyncio; on uvloop's the server spent 7-20 %% less CPU per "
+        "item (docs/PERFORMANCE.md)",
         choices=["auto", "uvloop", "asyncio"],
     )
     option(
