@@ -423,7 +423,8 @@ class ServerMetrics:
         # No label per caller: callers come and go, the series must stay few.
         self.memory_budget = Gauge(
             "clipvision_memory_budget_bytes",
-            "Bytes that images in flight may hold (--memory-budget).",
+            "Bytes that requests in flight may hold, images and texts and the messages being read "
+            "(--memory-budget).",
             registry=self.registry,
         )
         self.memory_admitted = Gauge(
@@ -448,13 +449,14 @@ class ServerMetrics:
         )
         self.admission_waits = Counter(
             "clipvision_admission_waits",
-            "Images that waited for room, by resource (queue: images per model; memory).",
+            "Items (images, texts) that waited for room, by resource (queue: items per model "
+            "and tower; memory).",
             ["resource"],
             registry=self.registry,
         )
         self.admission_refusals = Counter(
             "clipvision_admission_refusals",
-            "Calls or images refused for capacity, by reason.",
+            "Calls or items (images, texts) refused for capacity, by reason.",
             ["reason"],
             registry=self.registry,
         )
