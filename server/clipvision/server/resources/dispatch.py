@@ -246,9 +246,7 @@ class FairDispatcher:
                 self._out_of_chunk(chunk)
                 self._finish(chunk, [JobDropped(str(exc))] * len(chunk))
                 continue
-            handed.add_done_callback(
-                functools.partial(self._from_worker, chunk=chunk, light=light)
-            )
+            handed.add_done_callback(functools.partial(self._from_worker, chunk=chunk, light=light))
 
     def _take(self, limit: int) -> list[Job[Any]]:
         """Up to ``limit`` jobs, least-served caller first, within the chunk weight."""
