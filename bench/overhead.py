@@ -39,7 +39,9 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
 import io
+import itertools
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -68,6 +70,7 @@ from clipvision.v1 import embedding_service_pb2 as pb  # noqa: E402
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc  # noqa: E402
 
 PHOTOS = ROOT / "tests" / "data"
+FORWARD_SIZES = (1, 2, 4, 8, 16)
 DIMENSION = 16
 BATCH = 32
 TEXTS = [
@@ -652,7 +655,18 @@ def pipeline_cpu_ms(checkpoint: Path, images: list[bytes], args: Any) -> dict[st
     forward = cpu(lambda: encoder.embed_batch(pixels), BATCH)
     tokenize = cpu(lambda: [texts.tokenize(text, True) for text in prose], BATCH)
     text_forward = cpu(lambda: texts.embed_batch(ids), BATCH)
+    # The forward pass at smaller batches too: the server's batches are what the device is
+    # free to take, often far below 32 with a near-free model (read beside its mean batch).
+    by_batch: dict[str, float] = {}
+    for size in FORWARD_SIZES:
+        by_batch[f"image_forward_{size}"] = cpu(
+            functools.partial(encoder.embed_batch, pixels[:size]), size
+        )
+        by_batch[f"text_forward_{size}"] = cpu(
+            functools.partial(texts.embed_batch, ids[:size]), size
+        )
     return {
+        **by_batch,
         "image_preprocess": preprocess,
         "image_forward": forward,
         "image": preprocess + forward,
@@ -845,10 +859,24 @@ def print_table(results: dict[str, Any]) -> None:
             f"{kind} {ms:.3f} ms"
             for kind, ms in sorted(entry.get("floor_threads_ms_per_item", {}).items())
         )
+        at_batch = forward_at(inprocess, entry["row"]["modality"], entry["mean_batch"])
         print(
-            f"- {entry['row']['name']}: {split}; mean batch {entry['mean_batch']:.1f}"
+            f"- {entry['row']['name']}: {split}; mean batch {entry['mean_batch']:.1f} "
+            f"(in-process forward at that batch {at_batch:.3f} ms)"
             + (f" (bare grpc.aio: {bare})" if bare else "")
         )
+
+
+def forward_at(inprocess: dict[str, float], modality: str, batch: float) -> float:
+    """The in-process forward's CPU per item at a (mean) batch size, interpolated."""
+    points = [(size, inprocess[f"{modality}_forward_{size}"]) for size in FORWARD_SIZES]
+    points.append((BATCH, inprocess[f"{modality}_forward"]))
+    if batch <= points[0][0]:
+        return points[0][1]
+    for (low, low_ms), (high, high_ms) in itertools.pairwise(points):
+        if batch <= high:
+            return low_ms + (high_ms - low_ms) * (batch - low) / (high - low)
+    return points[-1][1]
 
 
 if __name__ == "__main__":
