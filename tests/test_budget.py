@@ -297,12 +297,12 @@ async def test_light_jobs_run_one_chunk_at_a_time_heavy_ones_side_by_side() -> N
         with lock:
             inside -= 1
 
-    async def peak(light: list[bool]) -> tuple[int, int]:
+    async def peak(light: list[bool], slice_s: float = 10.0) -> tuple[int, int]:
         nonlocal most
         most = 0
         gate.clear()
         with ThreadPoolExecutor(2) as executor:
-            dispatcher = FairDispatcher(executor, slots=2, max_chunk=1)
+            dispatcher = FairDispatcher(executor, slots=2, max_chunk=1, slice_s=slice_s)
             jobs = []
             for index, flag in enumerate(light):
                 jobs.append(dispatcher.submit(f"c{index}", 1, job, lambda _: None, light=flag))
@@ -320,6 +320,9 @@ async def test_light_jobs_run_one_chunk_at_a_time_heavy_ones_side_by_side() -> N
     assert await peak([False, False, True]) == (2, 2)
     assert await peak([False, True]) == (2, 2), "a light job may run beside a heavy one"
     assert await peak([True, False]) == (2, 2), "and a heavy one beside a light one"
+    # A light job that turns out slow (a large image in few bytes) holds the others back
+    # for one time slice at most: then a second chunk goes out beside it.
+    assert await peak([True, True], slice_s=0.005) == (2, 2)
 
 
 def test_a_small_image_for_a_small_crop_is_light_work(clip_dir: Path) -> None:

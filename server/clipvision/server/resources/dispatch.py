@@ -21,7 +21,10 @@ tokenize) holds it, so two such chunks side by side take turns on the GIL and on
 add the cost of handing it over: 64 px JPEGs for the tests' 32 px model went at
 0.67-1.0x the images/s on two threads as on one, for 1.4-2x the CPU per image (docs/
 PERFORMANCE.md). The submitter says which jobs are light; another chunk goes out
-beside running ones only when a queued job or a running chunk is not.
+beside running ones only when a queued job or a running chunk is not, or when the
+running light chunk has held its thread for two time slices (a chunk stops between
+jobs after one): a job judged light from its few bytes can still be slow (a large
+image that compresses well), and the jobs behind it then wait two slices at most.
 """
 
 from __future__ import annotations
@@ -118,7 +121,9 @@ class FairDispatcher:
         self._slice_s = slice_s
         self._flush_pending = False
         self._running = 0  # chunks in the executor
-        self._light_running = 0  # of which chunks of light jobs only
+        # When each running chunk of light jobs only started (time.monotonic()).
+        self._light_started: list[float] = []
+        self._spread_timer: asyncio.TimerHandle | None = None
         self._queued = 0  # jobs waiting for a chunk
         self._queued_heavy = 0  # of which jobs not light
         self._queues: dict[str, collections.deque[Job[Any]]] = {}
@@ -228,25 +233,50 @@ class FairDispatcher:
 
     def _dispatch(self) -> None:
         while self._running < self._slots and self._queued:
-            if self._running and self._light_running == self._running and not self._queued_heavy:
-                break  # light jobs beside light jobs would only take turns on the GIL
+            if (
+                self._running
+                and len(self._light_started) == self._running
+                and not self._queued_heavy
+            ):
+                # Light jobs beside light jobs would only take turns on the GIL, unless the
+                # running ones have held their thread for two slices: then one job is slow.
+                held = time.monotonic() - min(self._light_started)
+                if held < 2 * self._slice_s:
+                    self._spread_later(2 * self._slice_s - held)
+                    break
             free = self._slots - self._running
             share = -(-self._queued // free)  # ceil: every free thread gets some
             chunk = self._take(min(self._max_chunk, share))
             if not chunk:
                 continue  # only abandoned jobs were queued; they are finished now
-            light = all(job.light for job in chunk)
+            started = time.monotonic() if all(job.light for job in chunk) else None
             self._running += 1
-            self._light_running += light
+            if started is not None:
+                self._light_started.append(started)
             try:
                 handed = self._executor.submit(_run_chunk, chunk, self._slice_s)
             except RuntimeError as exc:  # the executor has shut down: the server stops
-                self._running -= 1
-                self._light_running -= light
+                self._out_of_running(started)
                 self._out_of_chunk(chunk)
                 self._finish(chunk, [JobDropped(str(exc))] * len(chunk))
                 continue
-            handed.add_done_callback(functools.partial(self._from_worker, chunk=chunk, light=light))
+            handed.add_done_callback(
+                functools.partial(self._from_worker, chunk=chunk, started=started)
+            )
+
+    def _out_of_running(self, started: float | None) -> None:
+        self._running -= 1
+        if started is not None:
+            self._light_started.remove(started)
+
+    def _spread_later(self, delay: float) -> None:
+        """Look again once the running light chunk has held its thread for two slices."""
+        if self._spread_timer is None and self._loop is not None:
+            self._spread_timer = self._loop.call_later(delay, self._spread_due)
+
+    def _spread_due(self) -> None:
+        self._spread_timer = None
+        self._dispatch()
 
     def _take(self, limit: int) -> list[Job[Any]]:
         """Up to ``limit`` jobs, least-served caller first, within the chunk weight."""
@@ -279,15 +309,18 @@ class FairDispatcher:
             chunk.append(job)
         return chunk
 
-    def _from_worker(self, handed: Future[list[Any]], chunk: list[Job[Any]], light: bool) -> None:
+    def _from_worker(
+        self, handed: Future[list[Any]], chunk: list[Job[Any]], started: float | None
+    ) -> None:
         # In the worker thread: hand the outcomes to the event loop in one wake-up.
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # a closed loop: the process is exiting
-            self._loop.call_soon_threadsafe(self._chunk_done, handed, chunk, light)
+            self._loop.call_soon_threadsafe(self._chunk_done, handed, chunk, started)
 
-    def _chunk_done(self, handed: Future[list[Any]], chunk: list[Job[Any]], light: bool) -> None:
-        self._running -= 1
-        self._light_running -= light
+    def _chunk_done(
+        self, handed: Future[list[Any]], chunk: list[Job[Any]], started: float | None
+    ) -> None:
+        self._out_of_running(started)
         self._out_of_chunk(chunk)
         if handed.cancelled():
             outcomes: list[Any] = [JobDropped("the executor shut down")] * len(chunk)
