@@ -50,34 +50,15 @@ def photographs() -> list[bytes]:
     return [path.read_bytes() for path in sorted(PHOTOS.iterdir()) if path.suffix != ".md"]
 
 
-def _prepare_all(stop_at: float, counts: list[int], index: int) -> None:
-    """Loop over the photographs until ``stop_at``, counting images into ``counts[index]``."""
-    from clipvision.server.config.limits import ImageLimits
-    from clipvision.server.runtime.preprocess import (
-        ClipPreprocessor,
-        PreprocessConfig,
-        load_image,
-        probe_image,
-    )
-
-    limits = ImageLimits()
-    preprocessor = ClipPreprocessor(PreprocessConfig.openai_clip(224))
-    images = photographs()
-    done = 0
-    while time.monotonic() < stop_at:
-        for data in images:
-            preprocessor.pixels(load_image(probe_image(data, limits)))
-            done += 1
-    counts[index] = done
-
-
-def by_side(sides: list[int], crop: int, seconds: float) -> list[dict[str, float]]:
-    """For a JPEG of each width (3:4, quality 90), preprocessed to a ``crop`` px square:
-    images/s and CPU ms per image, 1 and 2 threads, in this process."""
-    import io
-
-    from PIL import Image
-
+def _prepare_all(
+    stop_at: float,
+    counts: list[int],
+    index: int,
+    images: list[bytes] | None = None,
+    crop: int = 224,
+) -> None:
+    """Loop over ``images`` (the photographs) until ``stop_at``, preprocessing each to a
+    ``crop`` px square, counting images into ``counts[index]``."""
     from clipvision.server.config.limits import ImageLimits
     from clipvision.server.runtime.preprocess import (
         ClipPreprocessor,
@@ -88,58 +69,59 @@ def by_side(sides: list[int], crop: int, seconds: float) -> list[dict[str, float
 
     limits = ImageLimits()
     preprocessor = ClipPreprocessor(PreprocessConfig.openai_clip(crop))
-    photo = Image.open(io.BytesIO(photographs()[0])).convert("RGB")
-    rows = []
-    for side in sides:
-        encoded = io.BytesIO()
-        photo.resize((side, side * 3 // 4)).save(encoded, "JPEG", quality=90)
-        data = encoded.getvalue()
-        counts = [0, 0]
-
-        def loop(
-            stop_at: float, index: int, data: bytes = data, counts: list[int] = counts
-        ) -> None:
-            done = 0
-            while time.monotonic() < stop_at:
-                preprocessor.pixels(load_image(probe_image(data, limits)))
-                done += 1
-            counts[index] = done
-
-        loop(time.monotonic() + 0.2, 0)  # warm
-        row: dict[str, float] = {"side": side, "bytes": len(data)}
-        for workers in (1, 2):
-            counts[:] = [0, 0]
-            cpu = time.process_time()
-            started = time.monotonic()
-            threads = [
-                threading.Thread(target=loop, args=(started + seconds, index))
-                for index in range(workers)
-            ]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            done = sum(counts)
-            row[f"images_per_s_{workers}"] = done / (time.monotonic() - started)
-            row[f"cpu_ms_{workers}"] = (time.process_time() - cpu) * 1000 / done
-        rows.append(row)
-    return rows
+    images = images or photographs()
+    done = 0
+    while time.monotonic() < stop_at:
+        for data in images:
+            preprocessor.pixels(load_image(probe_image(data, limits)))
+            done += 1
+    counts[index] = done
 
 
-def with_threads(workers: int, seconds: float) -> float:
-    """Images/s of ``workers`` threads in this process."""
-    _prepare_all(time.monotonic() + 0.5, [0], 0)  # warm: imports, Pillow's first decode
+def _threaded(
+    workers: int, seconds: float, images: list[bytes] | None = None, crop: int = 224
+) -> tuple[float, float]:
+    """Images/s of ``workers`` threads in this process, and the process's CPU ms per image."""
+    _prepare_all(time.monotonic() + 0.5, [0], 0, images, crop)  # warm: imports, first decode
     counts = [0] * workers
+    cpu = time.process_time()
     started = time.monotonic()
     threads = [
-        threading.Thread(target=_prepare_all, args=(started + seconds, counts, index))
+        threading.Thread(target=_prepare_all, args=(started + seconds, counts, index, images, crop))
         for index in range(workers)
     ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return sum(counts) / (time.monotonic() - started)
+    done = sum(counts)
+    return done / (time.monotonic() - started), (time.process_time() - cpu) * 1000 / done
+
+
+def by_side(sides: list[int], crop: int, seconds: float) -> list[dict[str, float]]:
+    """For a JPEG of each width (3:4, quality 90), preprocessed to a ``crop`` px square:
+    images/s and CPU ms per image, 1 and 2 threads, in this process."""
+    import io
+
+    from PIL import Image
+
+    photo = Image.open(io.BytesIO(photographs()[0])).convert("RGB")
+    rows = []
+    for side in sides:
+        encoded = io.BytesIO()
+        photo.resize((side, side * 3 // 4)).save(encoded, "JPEG", quality=90)
+        row: dict[str, float] = {"side": side, "bytes": len(encoded.getvalue())}
+        for workers in (1, 2):
+            rate, cpu_ms = _threaded(workers, seconds, [encoded.getvalue()], crop)
+            row[f"images_per_s_{workers}"] = rate
+            row[f"cpu_ms_{workers}"] = cpu_ms
+        rows.append(row)
+    return rows
+
+
+def with_threads(workers: int, seconds: float) -> float:
+    """Images/s of ``workers`` threads in this process."""
+    return _threaded(workers, seconds)[0]
 
 
 def _process_main(stop_at: float, queue: Any) -> None:

@@ -23,11 +23,7 @@ from grpc_status import rpc_status
 from PIL import Image
 
 from clipvision.server.config.settings import Settings
-from clipvision.server.runtime.image_encoder import (
-    ClipImageEncoder,
-    l2_normalize,
-    l2_normalize_rows,
-)
+from clipvision.server.runtime.image_encoder import ClipImageEncoder, l2_normalize_rows
 from clipvision.server.runtime.preprocess import UInt8Array
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
@@ -219,7 +215,7 @@ def test_a_vector_is_normalized_the_same_whatever_it_was_batched_with() -> None:
         part = l2_normalize_rows(rows[:size].copy())
         np.testing.assert_array_equal(part, whole[:size])
     for index, row in enumerate(rows):
-        np.testing.assert_array_equal(l2_normalize(row), whole[index])
+        np.testing.assert_array_equal(l2_normalize_rows(row[np.newaxis])[0], whole[index])
     np.testing.assert_allclose(np.linalg.norm(np.delete(whole, 5, axis=0), axis=1), 1.0, rtol=1e-6)
     assert not whole[5].any()
     expected = torch.nn.functional.normalize(torch.from_numpy(rows), dim=1).numpy()

@@ -245,9 +245,3 @@ def l2_normalize_rows(rows: FloatArray) -> FloatArray:
     norms = np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), np.float32(1e-12))
     normalized: FloatArray = (rows / norms).astype(np.float32, copy=False)
     return normalized
-
-
-def l2_normalize(vector: FloatArray) -> FloatArray:
-    """One vector to unit length, with the arithmetic of l2_normalize_rows."""
-    unit: FloatArray = l2_normalize_rows(vector[np.newaxis])[0]
-    return unit

@@ -51,7 +51,7 @@ from clipvision.server.ops.calls import GateMark, open_gate_mark
 from clipvision.server.ops.logs import RateLimitedLog
 from clipvision.server.ops.metrics import ServerMetrics
 from clipvision.server.resources.admission import MemoryBudget, ReadHold
-from clipvision.server.wire.interceptors import rich_status
+from clipvision.server.wire.interceptors import HandlerCache, rich_status
 from clipvision.server.wire.slots import Slot, SlotPool
 
 logger = logging.getLogger(__name__)
@@ -142,9 +142,10 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             ),
         }
         self._log = RateLimitedLog(logger)
-        # Per registered method: the handler behind the gate and the guarded one, built once
-        # (a guarded handler keeps each call's state in the call, not in itself).
-        self._guarded_handlers: dict[str, tuple[Handler, Handler]] = {}
+        # A guarded handler keeps each call's state in the call, not in itself.
+        self._guarded_handlers = HandlerCache(
+            lambda handler, method: self._guarded(handler, _kind(method, handler), method)
+        )
         self._sweeper: asyncio.Task[None] | None = None
         if metrics is not None:
             metrics.watch_call_slots({pool.name: pool for pool in self.pools.values()})
@@ -196,12 +197,7 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             refusal = self._token.refusal(handler_call_details.invocation_metadata or ())
             if refusal is not None:
                 return self._refusal_handler(method, refusal)
-        cached = self._guarded_handlers.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        guarded = self._guarded(handler, kind, method)
-        self._guarded_handlers[method] = (handler, guarded)
-        return guarded
+        return self._guarded_handlers.get(handler, method)
 
     def refuse_unregistered(self) -> grpc.Status:
         """Count and log (at a bounded rate) a call on a path no service registered, which the

@@ -52,6 +52,34 @@ GENERIC_INTERNAL = InternalError(
 )
 
 
+class HandlerCache:
+    """An interceptor's wrapped handlers, built once per registered method.
+
+    grpc asks every interceptor for the handler of every call; the wrapping holds no
+    state of a call, so it is kept per method, checked against the handler grpc found.
+    Only registered methods are kept (the caller has refused the others), so it is
+    bounded by the services served.
+    """
+
+    def __init__(
+        self,
+        wrap: Callable[[grpc.RpcMethodHandler[Any, Any], str], grpc.RpcMethodHandler[Any, Any]],
+    ) -> None:
+        self._wrap = wrap
+        self._built: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
+
+    def get(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """The wrapped form of ``handler``, which grpc found for ``method``."""
+        built = self._built.get(method)
+        if built is not None and built[0] is handler:
+            return built[1]
+        wrapped = self._wrap(handler, method)
+        self._built[method] = (handler, wrapped)
+        return wrapped
+
+
 def rich_status(error: ClipVisionError) -> grpc.Status:
     """The gRPC status for a domain error: ErrorInfo with its reason, RetryInfo when overloaded."""
     info = any_pb2.Any()
@@ -78,9 +106,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-
 
     def __init__(self, metrics: ServerMetrics | None = None) -> None:
         self._metrics = metrics
-        # Per registered method: the handler grpc found and its wrapped form, built once
-        # (the wrapping holds no state of a call).
-        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
+        self._wrapped = HandlerCache(self._wrap)
 
     async def intercept_service(
         self,
@@ -94,12 +120,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-
         # Health and reflection keep their own semantics; only our services are mapped.
         if handler is None or not method.startswith(MAPPED_SERVICES):
             return handler
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, method)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return self._wrapped.get(handler, method)
 
     def _wrap(
         self, handler: grpc.RpcMethodHandler[Any, Any], method: str
