@@ -299,6 +299,7 @@ def clipvision_server(checkpoint: Path, args: Any) -> ServerUnderTest:
         args.backend,
         "--device",
         args.device,
+        *(["--threads", str(args.threads)] if args.threads else []),
         "--onnx-cache-dir",
         str(checkpoint.parent / "onnx"),
         "--address",
@@ -628,7 +629,7 @@ def pipeline_cpu_ms(checkpoint: Path, images: list[bytes], args: Any) -> dict[st
     )
     runners: dict[str, Any] = {
         "backend": args.backend,
-        "threads": None,
+        "threads": args.threads or None,
         "cache_dir": str(checkpoint.parent / "onnx"),
     }
     image_runner = prepare_image_runner("tiny", loaded, **runners)
@@ -714,6 +715,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="auto", help="the server's --device")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="intra-op threads of the forward pass, in the server (its --threads) and in the "
+        "in-process pipeline alike; 0: the server's default, every CPU",
+    )
+    parser.add_argument(
         "--loop",
         default="auto",
         choices=("auto", "uvloop", "asyncio"),
@@ -770,6 +778,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": threads,
             "python": platform.python_version(),
             "grpcio": grpc.__version__,
+            "forward_threads": args.threads or "default",
         },
         "rows": [],
     }
@@ -825,7 +834,8 @@ def print_table(results: dict[str, Any]) -> None:
     inprocess = results["in_process_ms"]
     print(
         f"\n{machine['cpu']}, {machine['cpus']} CPUs, Python {machine['python']}, "
-        f"grpcio {machine['grpcio']}; in-process per item: image "
+        f"grpcio {machine['grpcio']}, forward threads {machine.get('forward_threads', 'default')}; "
+        f"in-process per item: image "
         f"{inprocess['image_preprocess']:.3f} ms preprocess + {inprocess['image_forward']:.3f} ms "
         f"forward, text {inprocess['text_tokenize']:.3f} ms tokenize + "
         f"{inprocess['text_forward']:.3f} ms forward (batch {BATCH})\n"

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from clipvision.server.ops.calls import CallRecord, HeldBytes, StageTimes, current_call
 from clipvision.server.pipelines.gather import (
+    LoopBound,
     admitted,
     give_back_read,
     outcomes_of,
@@ -82,6 +83,7 @@ class _Item:
 
     def __init__(
         self,
+        loop: asyncio.AbstractEventLoop,
         model: ServedModel,
         caller: str,
         normalize: bool,
@@ -96,7 +98,7 @@ class _Item:
         # given back once the image is admitted (its admission counts those bytes).
         self.held = held
         self.read_share: int | None = None
-        self.future: asyncio.Future[FloatArray] = asyncio.get_running_loop().create_future()
+        self.future: asyncio.Future[FloatArray] = loop.create_future()
         self.record: CallRecord | None = current_call()
         self.job: Job[Any] | None = None  # a probe or decode not yet started
         self.task: asyncio.Task[Any] | None = None  # a fetch or a wait for the budget
@@ -104,7 +106,7 @@ class _Item:
         self.preprocess_s = 0.0
 
 
-class ImagePipeline:
+class ImagePipeline(LoopBound):
     """Embeds images for any served model; images of all callers share it."""
 
     def __init__(
@@ -176,7 +178,7 @@ class ImagePipeline:
         back what it holds (a decode already running ends first, and holds its memory till
         then).
         """
-        item = _Item(model, caller, normalize, deadline, held)
+        item = _Item(self._loop(), model, caller, normalize, deadline, held)
         item.future.add_done_callback(functools.partial(self._finished, item))
         if isinstance(image, bytes):
             data: bytes | None = image
@@ -190,7 +192,7 @@ class ImagePipeline:
             self._probe(item, data)
         else:
             assert isinstance(image, pb.Image)
-            item.task = asyncio.get_running_loop().create_task(self._sources.resolve(image))
+            item.task = self._loop().create_task(self._sources.resolve(image))
             item.task.add_done_callback(functools.partial(self._resolved, item))
         return item.future
 
@@ -240,7 +242,7 @@ class ImagePipeline:
             return
         # The budget had no room when the worker looked: wait for it in fair order.
         wait = self._budget.admit(item.caller, outcome.cost, seconds_left(item.deadline))
-        item.task = asyncio.get_running_loop().create_task(wait)
+        item.task = self._loop().create_task(wait)
         item.task.add_done_callback(functools.partial(self._waited, item, outcome.probed))
 
     def _waited(self, item: _Item, probed: ProbedImage, task: asyncio.Task[Ticket]) -> None:

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from clipvision.server.ops.calls import CallRecord, HeldBytes, StageTimes, current_call
 from clipvision.server.pipelines.gather import (
+    LoopBound,
     admitted,
     give_back_read,
     outcomes_of,
@@ -78,6 +79,7 @@ class _Item:
 
     def __init__(
         self,
+        loop: asyncio.AbstractEventLoop,
         model: ServedModel,
         tower: TextModel,
         caller: str,
@@ -93,7 +95,7 @@ class _Item:
         self.caller = caller
         self.normalize = normalize
         self.deadline = deadline
-        self.future: asyncio.Future[TextVector] = asyncio.get_running_loop().create_future()
+        self.future: asyncio.Future[TextVector] = loop.create_future()
         self.record: CallRecord | None = current_call()
         self.job: Job[Any] | None = None
         self.task: asyncio.Task[Any] | None = None
@@ -104,7 +106,7 @@ class _Item:
         self.tokens = 0
 
 
-class TextPipeline:
+class TextPipeline(LoopBound):
     """Embeds texts for any served model; texts of all callers share it."""
 
     def __init__(
@@ -172,7 +174,7 @@ class TextPipeline:
         text fails its future. Cancelling the future drops the text at its next stage.
         """
         tower = model.text_tower()
-        item = _Item(model, tower, caller, normalize, deadline, held)
+        item = _Item(self._loop(), model, tower, caller, normalize, deadline, held)
         item.future.add_done_callback(functools.partial(self._finished, item))
         try:
             item.size = tower.encoder.check(text)
@@ -210,7 +212,7 @@ class TextPipeline:
             self._admitted(item, tokenized, ticket)
             return
         wait = self._budget.admit(item.caller, cost, seconds_left(item.deadline))
-        item.task = asyncio.get_running_loop().create_task(wait)
+        item.task = self._loop().create_task(wait)
         item.task.add_done_callback(functools.partial(self._waited, item, tokenized))
 
     def _waited(self, item: _Item, tokenized: TokenizedText, task: asyncio.Task[Ticket]) -> None:
