@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 import pytest
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from PIL import Image
 from prometheus_client import generate_latest
@@ -92,8 +93,8 @@ class DecodeSpy:
 
 def budget_settings(base: Settings, **changes: object) -> Settings:
     # Four decoding threads: without the budget, four big decodes would run at once. Requests
-    # of at most 1 MiB: each read reserves that much, and the read room is then an eighth of
-    # the budget (7.5 MiB), leaving 52.5 MiB to admit images.
+    # of at most 1 MiB: each read reserves that much, the read room is then an eighth of the
+    # budget (7.5 MiB) and the health checks' room 1 MiB, leaving 51.5 MiB to admit images.
     changes = {"max_message_bytes": MIB, **changes}
     return settings_with(base, memory_budget=BUDGET, preprocess_workers=4, **changes)
 
@@ -139,7 +140,7 @@ async def test_images_over_the_budget_are_refused_with_their_reason_before_decod
     spy.install(monkeypatch)
     async with live_server(budget_settings(base_settings)) as server, own_channel(server) as ch:
         stub = pb_grpc.EmbeddingServiceStub(ch)
-        # The budget admits 52.5 MiB for one image: no image of 16 Mpx fits, whatever its kind,
+        # The budget admits 51.5 MiB for one image: no image of 16 Mpx fits, whatever its kind,
         # so the pixel limit is lowered at start and such images are refused from the header.
         info = await stub.GetModelInfo(pb.GetModelInfoRequest())
         limit = info.limits.max_image_pixels
@@ -206,7 +207,7 @@ async def test_unary_calls_over_the_budget_wait_within_their_deadline_then_get_r
         assert retry_after > 0
         message = caught.value.details() or ""
         assert "needs about 24.7 MiB" in message, message  # its decode, bytes and crop
-        assert "of 52.5 MiB are free" in message, message
+        assert "of 51.5 MiB are free" in message, message
         assert 0.8 < waited < 1.2, "it waits for room as long as its deadline allows"
         # A deadline long enough: it waits for the room the big decodes give back, first in
         # line, and is answered instead of refused.
@@ -411,6 +412,44 @@ async def test_idle_streams_holding_read_room_are_ended_when_others_need_it(
         await wait_until(lambda: server.server.registry.budget.used == 0)
 
 
+async def test_health_checks_are_answered_at_once_while_idle_streams_hold_the_read_room(
+    base_settings: Settings,
+) -> None:
+    # Before health checks had a read room of their own, a probe waited here until the
+    # idlest stream had held room for 1 s and was ended (1.3 s in one attack bench run):
+    # longer than a kubelet's default probe timeout.
+    async with (
+        live_server(read_room_settings(base_settings)) as server,
+        own_channel(server) as idle_a,
+        own_channel(server) as idle_b,
+        own_channel(server) as probes,
+    ):
+        budget = server.server.registry.budget
+        never: asyncio.Event = asyncio.Event()
+
+        async def nothing() -> AsyncIterator[pb.EmbedImageStreamRequest]:
+            await never.wait()
+            yield pb.EmbedImageStreamRequest()
+
+        streams = [
+            pb_grpc.EmbeddingServiceStub(channel).EmbedImageStream(nothing())
+            for channel in (idle_a, idle_b)
+        ]
+        await wait_until(lambda: budget.reads.used == budget.reads.limit)  # full
+        health = health_pb2_grpc.HealthStub(probes)
+        for _ in range(5):
+            started = time.monotonic()
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            assert time.monotonic() - started < 0.5, "the probe waited for the streams' room"
+        assert budget.probe_reads.used == 0  # each probe gave its room back
+        assert budget.reads.used == budget.reads.limit  # and no stream was ended for it
+        for stream in streams:
+            stream.cancel()
+        never.set()
+        await wait_until(lambda: budget.used == 0)
+
+
 async def test_streams_cut_off_while_reading_give_their_read_room_back(
     base_settings: Settings,
 ) -> None:
@@ -520,7 +559,7 @@ async def test_streams_waiting_to_read_on_keep_no_message_outside_the_budget(
 async def test_a_palette_attack_leaves_a_bystander_answered_within_a_few_decodes(
     base_settings: Settings,
 ) -> None:
-    # Each attacking image is a 15 KB palette PNG of 6 Mpx: about 36 MiB of the 52.5 MiB the
+    # Each attacking image is a 15 KB palette PNG of 6 Mpx: about 36 MiB of the 51.5 MiB the
     # budget admits, so one decodes at a time and the next waits; three streams keep it full.
     attack = palette_png(2450)
     async with (

@@ -155,8 +155,10 @@ async def test_a_cancelled_waiter_gives_way() -> None:
 
 async def test_the_budget_prices_refuses_and_returns_its_parts() -> None:
     budget = MemoryBudget(100, largest_read=4)
-    # The read room is an eighth (12 bytes: room for two reads of 4 is less); 88 admit items.
-    assert (budget.reads.limit, budget.pool.limit, budget.total) == (12, 88, 100)
+    # The read room is an eighth (12 bytes: room for two reads of 4 is less), health checks
+    # read in a room of one read (4) of their own, and 84 admit items.
+    limits = (budget.reads.limit, budget.probe_reads.limit, budget.pool.limit, budget.total)
+    assert limits == (12, 4, 84, 100)
     with pytest.raises(InvalidImageError) as caught:
         budget.check(ItemCost(resident=10, decode=91), 10, 10)
     assert caught.value.reason == Reason.IMAGE_OVER_MEMORY_BUDGET
@@ -173,6 +175,26 @@ async def test_the_budget_prices_refuses_and_returns_its_parts() -> None:
     ticket.release()
     done()
     assert budget.used == 0  # each part is given back once
+
+
+async def test_health_checks_read_in_a_room_others_cannot_fill() -> None:
+    budget = MemoryBudget(100, largest_read=4)
+    # Streams waiting for their next message fill the read room (12: three reads of 4).
+    streams = [budget.try_reserve_read(f"stream-{n}") for n in range(4)]
+    assert None not in streams[:3]
+    assert streams[3] is None
+    probe = budget.try_reserve_read("kubelet", probe=True)
+    assert probe is not None
+    assert budget.probe_reads.used == 4
+    # A second probe at once waits for the first (the room holds one message), and never
+    # for the streams; refused with the usual reason if the first keeps it too long.
+    with pytest.raises(OverloadedError) as full:
+        await budget.reserve_read("kubelet-2", 0.05, probe=True)
+    assert full.value.reason == Reason.MEMORY_BUDGET_FULL
+    probe.shrink(0)  # read: an empty HealthCheckRequest holds nothing
+    assert budget.probe_reads.used == 0
+    assert (await budget.reserve_read("kubelet-2", 0.05, probe=True)).amount == 4
+    assert budget.used == budget.reads.used + 4
 
 
 async def test_decodes_are_started_least_served_caller_first() -> None:

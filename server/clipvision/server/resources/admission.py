@@ -260,10 +260,10 @@ class ReadHold:
     to what it holds once read, and given back as the items made from it are admitted (their
     own admission counts those bytes then) or when its call ends."""
 
-    __slots__ = ("_amount", "_budget", "_caller")
+    __slots__ = ("_amount", "_caller", "_room")
 
-    def __init__(self, budget: MemoryBudget, caller: str, amount: int) -> None:
-        self._budget = budget
+    def __init__(self, room: FairPool, caller: str, amount: int) -> None:
+        self._room = room  # the read room, or the health checks' own
         self._caller = caller
         self._amount = amount
 
@@ -278,7 +278,7 @@ class ReadHold:
         if amount < self._amount:
             self.release_part(self._amount - amount)
         elif amount > self._amount:
-            self._budget.reads.grant_over(self._caller, amount - self._amount)
+            self._room.grant_over(self._caller, amount - self._amount)
             self._amount = amount
 
     def release_part(self, amount: int) -> None:
@@ -286,7 +286,7 @@ class ReadHold:
         part = min(amount, self._amount)
         if part > 0:
             self._amount -= part
-            self._budget.reads.give(self._caller, part)
+            self._room.give(self._caller, part)
 
     def release(self) -> None:
         """Give back everything still held (idempotent)."""
@@ -303,7 +303,8 @@ class MemoryBudget:
     header to be parsed; the rest (``pool``) holds admitted items. Kept apart, they
     cannot deadlock: items waiting for room hold only read room, so whatever the read
     room holds, one item that passes ``check`` always fits once the admitted ones are
-    answered.
+    answered. Health checks read within a room of their own (``probe_reads``, one of the
+    largest messages), so that streams holding the read room never keep a probe waiting.
     """
 
     def __init__(
@@ -316,7 +317,8 @@ class MemoryBudget:
         # A read reserves room for the largest message before it knows the message's size.
         self._largest_read = largest_read
         self.reads = FairPool(self._read_room(total))
-        self.pool = FairPool(total - self.reads.limit)
+        self.probe_reads = FairPool(self._probe_room(total))
+        self.pool = FairPool(total - self.reads.limit - self.probe_reads.limit)
         self._observer = observer
         self._stages = {"resident": 0, "decode": 0}
         if observer is not None:
@@ -325,17 +327,18 @@ class MemoryBudget:
     @property
     def total(self) -> int:
         """The budget in bytes."""
-        return self.reads.limit + self.pool.limit
+        return self.reads.limit + self.probe_reads.limit + self.pool.limit
 
     @property
     def used(self) -> int:
         """Bytes admitted or held in the read room now."""
-        return self.reads.used + self.pool.used
+        return self.reads.used + self.probe_reads.used + self.pool.used
 
     def resize(self, total: int) -> None:
         """Set the budget to ``total`` bytes (once the models are resident, say)."""
         self.reads.resize(self._read_room(total))
-        self.pool.resize(total - self.reads.limit)
+        self.probe_reads.resize(self._probe_room(total))
+        self.pool.resize(total - self.reads.limit - self.probe_reads.limit)
         if self._observer is not None:
             self._observer.on_budget(total)
 
@@ -355,35 +358,43 @@ class MemoryBudget:
         """What one read reserves: the largest message, or all the read room if that is less."""
         return min(self._largest_read, self.reads.limit)
 
-    def try_reserve_read(self, caller: str) -> ReadHold | None:
-        """Reserve room for one message about to be read, if there is room now (nobody waits)."""
-        size = self.read_size
-        if not self.reads.try_take(caller, size):
-            return None
-        return ReadHold(self, caller, size)
+    def read_room(self, probe: bool = False) -> FairPool:
+        """Where a message is read: a health check's in the probes' room, others in ``reads``."""
+        return self.probe_reads if probe else self.reads
 
-    async def reserve_read(self, caller: str, wait_s: float | None) -> ReadHold:
+    def try_reserve_read(self, caller: str, probe: bool = False) -> ReadHold | None:
+        """Reserve room for one message about to be read, if there is room now (nobody waits)."""
+        room = self.read_room(probe)
+        size = min(self._largest_read, room.limit)
+        if not room.try_take(caller, size):
+            return None
+        return ReadHold(room, caller, size)
+
+    async def reserve_read(
+        self, caller: str, wait_s: float | None, probe: bool = False
+    ) -> ReadHold:
         """Reserve room for one message about to be read, waiting in fair order: as long as it
         takes (None, a stream's backpressure) or ``wait_s`` at most, then OverloadedError
         (MEMORY_BUDGET_FULL)."""
-        hold = self.try_reserve_read(caller)
+        hold = self.try_reserve_read(caller, probe)
         if hold is not None:
             return hold
         if self._observer is not None:
             self._observer.on_admission_wait("memory")
-        size = self.read_size
+        room = self.read_room(probe)
+        size = min(self._largest_read, room.limit)
         if wait_s is None:
-            await self.reads.take(caller, size)
-        elif not await self.reads.take_within(caller, size, wait_s):
+            await room.take(caller, size)
+        elif not await room.take_within(caller, size, wait_s):
             self.refused(Reason.MEMORY_BUDGET_FULL)
             raise OverloadedError(
                 Reason.MEMORY_BUDGET_FULL,
                 f"The server's memory budget has no room to read another message now (it "
-                f"reads at most {_mib(self.reads.limit)} MiB of requests at once); retry after "
+                f"reads at most {_mib(room.limit)} MiB of requests at once); retry after "
                 f"{BUDGET_RETRY_AFTER_S:.1f} s or on another replica.",
                 retry_after_s=BUDGET_RETRY_AFTER_S,
             )
-        return ReadHold(self, caller, size)
+        return ReadHold(room, caller, size)
 
     async def admit(self, caller: str, cost: ItemCost, wait_s: float | None) -> Ticket:
         """Take ``cost`` for ``caller``: waiting as long as it takes (None) or ``wait_s`` at most.
@@ -441,11 +452,16 @@ class MemoryBudget:
         """Room for two of the largest messages, within an eighth and a half of the budget."""
         return max(total // READ_SHARE, min(2 * self._largest_read, total // 2))
 
+    def _probe_room(self, total: int) -> int:
+        """The health checks' read room: one of the largest messages (a probe's is empty, but
+        grpc would receive one of any size), at most an eighth of the budget."""
+        return min(self._largest_read, total // READ_SHARE)
+
     def usage(self) -> BudgetUsage:
         """Bytes admitted now, by stage, and how they are shared (read at metrics scrape time,
         so that admitting an image costs no metric update)."""
         return BudgetUsage(
-            self._stages["resident"] + self.reads.used,
+            self._stages["resident"] + self.reads.used + self.probe_reads.used,
             self._stages["decode"],
             self.pool.callers,
             self.pool.largest_share(),

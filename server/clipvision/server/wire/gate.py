@@ -174,7 +174,8 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             await asyncio.sleep(interval)
             if timeout > 0:
                 self.pools[CallKind.STREAM].evict_idle(timeout)
-            self._make_read_room()
+            self._make_read_room(probe=False)
+            self._make_read_room(probe=True)
 
     async def intercept_service(
         self,
@@ -335,7 +336,7 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def _evict(self, call: _Call, kind: CallKind) -> None:
         if call.ended_with is not None or call.task is None or call.task.done():
             return
-        if kind is CallKind.UNARY:
+        if kind in (CallKind.UNARY, CallKind.PROBE):  # a probe is evicted only while reading
             call.ended_with = RequestTimeoutError(
                 Reason.REQUEST_READ_TIMEOUT,
                 "The call was ended because its request message had not arrived and others "
@@ -449,25 +450,33 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         A unary call waits at most ``wait_s`` (then MEMORY_BUDGET_FULL); a stream waits as
         long as it takes (it stops reading: backpressure). Waiting, it first makes room by
-        ending the call that has waited longest for a message while holding room.
+        ending the call that has waited longest for a message while holding room. A health
+        check reads in a room of its own, which streams holding the read room cannot fill.
         """
         if self._budget is None:
             return None
         caller = caller_of(context, self.limits.client_certificates)
-        hold = self._budget.try_reserve_read(caller)
+        probe = call.kind is CallKind.PROBE
+        hold = self._budget.try_reserve_read(caller, probe)
         if hold is None:
-            self._make_read_room()
-            hold = await self._budget.reserve_read(caller, wait_s)
+            self._make_read_room(probe)
+            hold = await self._budget.reserve_read(caller, wait_s, probe)
         self._reading[call] = time.monotonic()
         return hold
 
-    def _make_read_room(self) -> None:
-        """While someone waits for read room, end the call idle longest with a read pending,
-        once it has waited ``evict_reading_after_s`` for its message: legitimate callers
-        send their messages at once, and a stream between messages can open again."""
-        if self._budget is None or not self._budget.reads.waiting or not self._reading:
+    def _make_read_room(self, probe: bool) -> None:
+        """While someone waits for read room (the probes' own, or everyone else's), end the
+        call idle longest with a read pending in that room, once it has waited
+        ``evict_reading_after_s`` for its message: legitimate callers send their messages
+        at once, and a stream between messages can open again."""
+        if self._budget is None or not self._budget.read_room(probe).waiting:
             return
-        call, since = min(self._reading.items(), key=lambda entry: entry[1])
+        readers = [
+            entry for entry in self._reading.items() if (entry[0].kind is CallKind.PROBE) == probe
+        ]
+        if not readers:
+            return
+        call, since = min(readers, key=lambda entry: entry[1])
         if time.monotonic() - since < self.limits.evict_reading_after_s:
             return
         self._reading.pop(call, None)
