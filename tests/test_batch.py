@@ -34,11 +34,12 @@ import ray
 
 from clipvision.server.batch.cli import main as batch_main
 from clipvision.server.batch.storage import JobRecord
-from clipvision.server.config.settings import Settings
+from clipvision.server.config.settings import Settings, TlsFiles
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import DATA, settings_with
 from tests.live_server import LiveServer, live_server
+from tests.pki import Pki
 
 RUN_TIMEOUT = 100.0
 TOLERANCE = 1e-6
@@ -309,6 +310,61 @@ async def test_endpoint_mode_retries_what_a_full_server_refuses_and_loses_nothin
     assert_rows_match(read_rows(str(out / "shards")), expected)
     verified = await batch("verify", str(out))
     assert verified.status == 0, verified.stdout + verified.stderr
+
+
+async def test_endpoint_mode_calls_a_server_that_wants_tls_and_a_token(
+    ray_address: str,
+    corpus: Corpus,
+    server: LiveServer,
+    base_settings: Settings,
+    pki: Pki,
+    tmp_path: Path,
+) -> None:
+    token = "batch-job-token"
+    settings = settings_with(
+        base_settings, auth_token=token, tls=TlsFiles(pki.server_cert, pki.server_key)
+    )
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    async with live_server(settings) as live:
+        run = (
+            "run", str(corpus.root), "--endpoint", live.address, "--model", "tiny",
+            "--all-files", "--shard-size", "4", "--ray-address", ray_address,
+            "--tls", "--ca-cert", str(pki.ca),
+        )  # fmt: skip
+        # Without the token the server's refusal stops the job before it writes anything.
+        refused = await batch(*run, "--output", str(tmp_path / "refused"))
+        assert refused.status == 2, refused.stderr
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1, refused.stderr
+        assert lines[0].startswith(f"clipvision batch: the endpoint {live.address} refused")
+        assert not (tmp_path / "refused").exists()
+        out = tmp_path / "out"
+        done = await batch(*run, "--output", str(out), "--token-file", str(token_file))
+        assert done.status == 0, done.stderr
+    expected = await server_results(server, corpus)
+    assert_rows_match(read_rows(str(out / "shards")), expected)
+
+
+def test_connection_flags_without_an_endpoint_are_a_usage_error(
+    capsys: pytest.CaptureFixture[str], corpus: Corpus, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    status, lines = run_main(capsys, "run", str(corpus.root), "-o", str(out), "--tls")
+    assert (status, lines) == (
+        2,
+        ["clipvision batch: --tls is for --endpoint: the job hosts the model itself otherwise"],
+    )
+    missing = tmp_path / "no-such-token"
+    status, lines = run_main(
+        capsys, "run", str(corpus.root), "-o", str(out), "--endpoint", "127.0.0.1:1",
+        "--token-file", str(missing),
+    )  # fmt: skip
+    assert (status, lines) == (
+        2,
+        [f"clipvision batch: cannot read {missing}: No such file or directory"],
+    )
+    assert not out.exists()
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypedDict
 
 from google.protobuf import json_format
 
@@ -44,17 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="HOST:PORT, dns:///NAME:PORT or IP:PORT,IP:PORT (round-robin) "
         f"[env CLIPVISION_SERVER] (default: {DEFAULT_TARGET})",
     )
-    group.add_argument("--tls", action="store_true", help="connect with TLS")
-    group.add_argument("--ca-cert", type=Path, help="PEM roots to verify the server (with --tls)")
-    group.add_argument("--client-cert", type=Path, help="PEM certificate chain for mutual TLS")
-    group.add_argument("--client-key", type=Path, help="PEM private key for mutual TLS")
-    group.add_argument("--server-name", help="the name to verify in the server's certificate")
-    group.add_argument(
-        "--token-file",
-        type=Path,
-        help="a file holding a bearer token, sent over --tls (or in plaintext to a loopback "
-        "address) [env CLIPVISION_TOKEN holds the token itself]",
-    )
+    add_security_arguments(group)
     group.add_argument(
         "--timeout",
         type=float,
@@ -173,21 +163,65 @@ def _batch(argv: list[str]) -> int:
     return batch_main(argv)
 
 
-def _client(args: argparse.Namespace) -> EmbeddingClient:
+class Security(TypedDict):
+    """The client's TLS and token options, as read from the command line."""
+
+    tls: bool
+    root_certificates: bytes | None
+    certificate_chain: bytes | None
+    private_key: bytes | None
+    server_name: str | None
+    token: str | None
+
+
+PLAINTEXT = Security(
+    tls=False,
+    root_certificates=None,
+    certificate_chain=None,
+    private_key=None,
+    server_name=None,
+    token=None,
+)
+
+
+def add_security_arguments(group: argparse._ArgumentGroup) -> None:
+    """TLS and token flags, the same wherever a command calls a server."""
+    group.add_argument("--tls", action="store_true", help="connect with TLS")
+    group.add_argument("--ca-cert", type=Path, help="PEM roots to verify the server (with --tls)")
+    group.add_argument("--client-cert", type=Path, help="PEM certificate chain for mutual TLS")
+    group.add_argument("--client-key", type=Path, help="PEM private key for mutual TLS")
+    group.add_argument("--server-name", help="the name to verify in the server's certificate")
+    group.add_argument(
+        "--token-file",
+        type=Path,
+        help="a file holding a bearer token, sent over --tls (or in plaintext to a loopback "
+        "address) [env CLIPVISION_TOKEN holds the token itself]",
+    )
+
+
+def security_of(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Security:
+    """The flags of add_security_arguments, files read; OSError names a file it cannot read."""
+
     def read(path: Path | None) -> bytes | None:
         return path.read_bytes() if path is not None else None
 
-    token = os.environ.get("CLIPVISION_TOKEN") or None
+    token = environ.get("CLIPVISION_TOKEN") or None
     if args.token_file is not None:
         token = args.token_file.read_text().strip()
-    return EmbeddingClient(
-        args.server,
+    return Security(
         tls=args.tls,
         root_certificates=read(args.ca_cert),
         certificate_chain=read(args.client_cert),
         private_key=read(args.client_key),
         server_name=args.server_name,
         token=token,
+    )
+
+
+def _client(args: argparse.Namespace) -> EmbeddingClient:
+    return EmbeddingClient(
+        args.server,
+        **security_of(args),
         timeout=args.timeout,
         stream_window=getattr(args, "window", DEFAULT_STREAM_WINDOW),
     )

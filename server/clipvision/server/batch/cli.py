@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from clipvision.client.cli import add_security_arguments, security_of
 from clipvision.server.batch.manifest import InputOptions
 from clipvision.server.batch.outcomes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, JobError
 from clipvision.server.batch.storage import JobDirectory, JobRecord, StorageError
@@ -81,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=120.0,
         help="--endpoint: deadline in seconds of one batch's stream (default: %(default)s)",
+    )
+    add_security_arguments(
+        run.add_argument_group(
+            "endpoint connection (with --endpoint: TLS, mutual TLS, a bearer token)"
+        )
     )
     inputs = run.add_argument_group("input")
     inputs.add_argument("--texts", action="store_true", help="INPUT holds texts, not images")
@@ -168,12 +174,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+_SECURITY_FLAGS = (
+    "--tls",
+    "--ca-cert",
+    "--client-cert",
+    "--client-key",
+    "--server-name",
+    "--token-file",
+)
+
+
 def _run(args: argparse.Namespace) -> int:
     # Imported here: the model stage needs torch, which status and verify do without.
     from clipvision.server.batch.encoders import ModelOptions
     from clipvision.server.batch.job import RunOptions, identify_model, open_job, run_shards
 
     model = args.model if args.model is not None else ("" if args.endpoint else DEFAULT_MODEL)
+    secured = [flag for flag in _SECURITY_FLAGS if getattr(args, flag[2:].replace("-", "_"))]
+    if secured and not args.endpoint:
+        raise JobError(f"{secured[0]} is for --endpoint: the job hosts the model itself otherwise")
+    try:
+        security = security_of(args) if args.endpoint else None
+    except OSError as error:
+        raise JobError(f"cannot read {error.filename}: {error.strerror}") from error
     options = RunOptions(
         input=args.input,
         output=args.output,
@@ -193,6 +216,7 @@ def _run(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir,
         ),
         endpoint=args.endpoint,
+        security=security,
         normalize=not args.raw,
         shard_size=args.shard_size,
         batch_size=args.batch_size,

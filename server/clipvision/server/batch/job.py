@@ -22,7 +22,13 @@ from typing import Any
 import pyarrow.fs as pafs
 from tqdm import tqdm
 
-from clipvision.client import ClipVisionError, EmbeddingClient
+from clipvision.client import (
+    ClipVisionError,
+    DeadlineExceededError,
+    EmbeddingClient,
+    UnavailableError,
+)
+from clipvision.client.cli import PLAINTEXT, Security
 from clipvision.server.batch.encoders import (
     CheckpointError,
     ModelOptions,
@@ -66,6 +72,8 @@ class RunOptions:
     endpoint: str | None = None
     """Call this server instead of hosting the model (``model.model`` then names a served
     model, empty for its default)."""
+    security: Security | None = None
+    """TLS and token of the calls to ``endpoint`` (None: plaintext, no token)."""
     normalize: bool = True
     shard_size: int = 1000
     batch_size: int = 32
@@ -121,11 +129,17 @@ def identify_model(options: RunOptions) -> ModelIdentity:
             raise JobError(f"cannot use model {options.model.model!r}: {exc}") from exc
         return ModelIdentity(options.model.spec.name, config.embedding_dim, config.preprocess)
     try:
-        with EmbeddingClient(options.endpoint, timeout=10.0, max_attempts=2) as client:
+        with EmbeddingClient(
+            options.endpoint, **(options.security or PLAINTEXT), timeout=10.0, max_attempts=2
+        ) as client:
             info = client.model_info()
-    except ClipVisionError as error:
+    except (UnavailableError, DeadlineExceededError) as error:
         raise JobError(
             f"cannot reach the endpoint {options.endpoint}: {error.message}", EXIT_FAILED
+        ) from error
+    except ClipVisionError as error:  # a token or certificate refused, say: the flags are wrong
+        raise JobError(
+            f"the endpoint {options.endpoint} refused the job's first call: {error.message}"
         ) from error
     except ValueError as exc:
         raise JobError(f"--endpoint {options.endpoint}: {exc}") from exc
@@ -331,6 +345,7 @@ def run_shards(
         embed_kwargs = {
             "options": EndpointOptions(
                 address=options.endpoint,
+                security=options.security or PLAINTEXT,
                 model=identity.name,
                 dim=identity.dim,
                 kind=record.kind,

@@ -32,6 +32,7 @@ import grpc
 import numpy as np
 
 from clipvision.client import AsyncEmbeddingClient, ClipVisionError
+from clipvision.client.cli import Security
 from clipvision.server.batch.encoders import (
     ImagePreparer,
     ModelOptions,
@@ -209,6 +210,8 @@ class EndpointOptions:
     """How endpoint actors call the fleet."""
 
     address: str
+    security: Security
+    """TLS and token of its calls."""
     model: str
     dim: int
     kind: str
@@ -239,7 +242,10 @@ class EndpointEmbedder:
         if self._client is None:
             # Created on the actor's event loop, as the async client must be.
             self._client = AsyncEmbeddingClient(
-                options.address, stream_window=options.window, timeout=options.timeout_s
+                options.address,
+                **options.security,
+                stream_window=options.window,
+                timeout=options.timeout_s,
             )
             self._streams = asyncio.Semaphore(options.streams)
         assert self._streams is not None
