@@ -34,7 +34,7 @@ from clipvision.client import (
 from clipvision.server.config.settings import Settings
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
-from tests.conftest import encode, photo_bytes
+from tests.conftest import encode, photo_bytes, settings_with
 from tests.live_server import LiveServer, live_server
 
 ATOL = 1e-6
@@ -326,6 +326,42 @@ async def test_an_image_too_large_for_a_message_is_refused_in_place(
     assert isinstance(too_large, InvalidImageError)
     assert too_large.reason == "IMAGE_TOO_LARGE"
     assert "65536" in too_large.message
+
+
+async def test_an_item_over_the_servers_message_limit_is_refused_in_place_not_the_stream(
+    base_settings: Settings,
+) -> None:
+    # The server takes messages of 1 MiB at most, the client 64 MiB (its default). The client
+    # used to send a 2 MiB image, and gRPC refused the whole stream (RESOURCE_EXHAUSTED):
+    # one large file stopped `clipvision embed` at the same place on every rerun.
+    images = [solid_png(1), b"\xff" * (2 << 20), solid_png(2)]
+    texts = ["a photo of a rocket", "x" * (2 << 20), "a photo of a cat"]
+    async with live_server(settings_with(base_settings, max_message_bytes=1 << 20)) as server:
+
+        def blocking() -> tuple[list[client_package.Result], list[client_package.TextResult]]:
+            with EmbeddingClient(server.address) as client:
+                streamed = list(client.embed_images(images, return_exceptions=True))
+                batched = client.embed_texts(texts, return_exceptions=True)
+            return streamed, batched
+
+        streamed, batched = await asyncio.to_thread(blocking)
+        async with AsyncEmbeddingClient(server.address) as client:
+            texts_streamed = [
+                result async for result in client.embed_text_stream(texts, return_exceptions=True)
+            ]
+    for image_result in (streamed[0], streamed[2]):
+        assert isinstance(image_result, np.ndarray)
+    assert isinstance(streamed[1], InvalidImageError)
+    assert streamed[1].reason == "IMAGE_TOO_LARGE"
+    assert f"at most {1 << 20} bytes (the server's limit" in streamed[1].message
+    for results in (batched, texts_streamed):
+        assert [type(result).__name__ for result in results] == [
+            "TextEmbedding",
+            "InvalidTextError",
+            "TextEmbedding",
+        ]
+        assert isinstance(results[1], ClipVisionError)
+        assert results[1].reason == "TEXT_TOO_LARGE"
 
 
 async def test_stopping_early_ends_the_stream_and_leaves_the_client_usable(

@@ -113,11 +113,23 @@ class AsyncEmbeddingClient(ClientBase):
         """The served models (the first is the default), their preprocessing and the limits."""
         self._check_open()
         try:
-            return await self._stub.GetModelInfo(
+            response: pb.GetModelInfoResponse = await self._stub.GetModelInfo(
                 pb.GetModelInfoRequest(), timeout=self._deadline(timeout)
             )
         except grpc.RpcError as exc:
             raise error_from_rpc_error(exc) from exc
+        self._learn_limits(response)
+        return response
+
+    async def _know_limits(self) -> None:
+        """Before the first stream or batch call: the server's message limit (see
+        EmbeddingClient._know_limits). One GetModelInfo per client."""
+        if self._limits_learned:
+            return
+        try:
+            await self.model_info()
+        except ClipVisionError as error:
+            self._limits_unknowable(error)
 
     @overload
     def embed_images(
@@ -158,6 +170,7 @@ class AsyncEmbeddingClient(ClientBase):
         ``contextlib.aclosing`` when you may stop early, so the call ends at once.
         """
         self._check_open()
+        await self._know_limits()
         window: StreamWindow[pb.EmbedImageStreamRequest, pb.EmbedImageStreamResponse, FloatArray]
         window = StreamWindow(self._stream_window, "EmbedImageStream", "images", to_vector)
 
@@ -231,6 +244,7 @@ class AsyncEmbeddingClient(ClientBase):
     ) -> list[TextEmbedding] | list[TextResult]:
         """Embed a few texts in one EmbedTexts call (see EmbeddingClient.embed_texts)."""
         self._check_open()
+        await self._know_limits()
         checked = [self._text_or_error(text) for text in texts]
         sendable = [text for text in checked if isinstance(text, str)]
         response = pb.EmbedTextsResponse()
@@ -280,6 +294,7 @@ class AsyncEmbeddingClient(ClientBase):
         """Embed any number of texts through one EmbedTextStream, yielding results in input
         order (see EmbeddingClient.embed_text_stream); ``texts`` may be an async iterable."""
         self._check_open()
+        await self._know_limits()
         window: StreamWindow[pb.EmbedTextStreamRequest, pb.EmbedTextStreamResponse, TextEmbedding]
         window = StreamWindow(self._stream_window, "EmbedTextStream", "texts", to_text_embedding)
 

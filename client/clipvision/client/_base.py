@@ -13,7 +13,12 @@ from clipvision.client._channel import (
     DEFAULT_TARGET,
     ChannelConfig,
 )
-from clipvision.client._errors import ClipVisionError
+from clipvision.client._errors import (
+    CallCancelledError,
+    ClipVisionError,
+    DeadlineExceededError,
+    UnavailableError,
+)
 from clipvision.client._images import ImageInput, to_image
 from clipvision.client._messages import image_stream_request, text_stream_request
 from clipvision.client._texts import text_or_error, to_text
@@ -63,7 +68,9 @@ class ClientBase:
         only). ``timeout`` is the deadline, in seconds, of each unary call
         (None: no deadline). ``stream_window`` bounds the images (texts)
         ``embed_images`` (``embed_text_stream``) has in flight.
-        ``max_message_bytes`` must match the server's ``--max-message-bytes``.
+        ``max_message_bytes`` bounds what is sent and received; before the first
+        stream or batch call the client also asks the server's limit (one
+        GetModelInfo) and sends nothing larger than the lesser of the two.
         Calls that fail with UNAVAILABLE are retried, up to ``max_attempts``
         attempts in all; an ``embed_images`` or ``embed_text_stream`` stream
         that breaks with UNAVAILABLE is resumed on a new stream, up to
@@ -91,6 +98,10 @@ class ClientBase:
         if max_stream_restarts < 0:
             raise ValueError("max_stream_restarts must not be negative")
         self._max_stream_restarts = max_stream_restarts
+        # The server's own message limit, from GetModelInfo (None: not known): a message over
+        # it is refused by gRPC for the whole call, a stream's other images with it.
+        self._server_message_bytes: int | None = None
+        self._limits_learned = False
         self._timeout = timeout
         self._stream_window = stream_window
         self._closed = False
@@ -112,8 +123,24 @@ class ClientBase:
     def _deadline(self, timeout: float | None) -> float | None:
         return self._timeout if timeout is None else timeout
 
+    def _message_limit(self) -> int:
+        """The largest message to send: ours, or the server's where it is less."""
+        own = self._config.max_message_bytes
+        server = self._server_message_bytes
+        return own if server is None else min(own, server)
+
+    def _learn_limits(self, info: pb.GetModelInfoResponse) -> None:
+        self._server_message_bytes = info.limits.max_receive_message_bytes or None
+        self._limits_learned = True
+
+    def _limits_unknowable(self, error: ClipVisionError) -> None:
+        """GetModelInfo failed before a stream: a server that lacks or refuses it is not asked
+        again (our own limit holds); one that could not be reached is, before the next."""
+        if not isinstance(error, UnavailableError | DeadlineExceededError | CallCancelledError):
+            self._limits_learned = True
+
     def _image(self, image: ImageInput) -> pb.Image:
-        return to_image(image, self._config.max_message_bytes)
+        return to_image(image, self._message_limit())
 
     def _image_or_error(self, image: ImageInput) -> pb.Image | ClipVisionError:
         try:
@@ -130,10 +157,10 @@ class ClientBase:
         return image_stream_request(message, model, normalize)
 
     def _text(self, text: str) -> str:
-        return to_text(text, self._config.max_message_bytes)
+        return to_text(text, self._message_limit())
 
     def _text_or_error(self, text: str) -> str | ClipVisionError:
-        return text_or_error(text, self._config.max_message_bytes)
+        return text_or_error(text, self._message_limit())
 
     def _text_stream_request(
         self, text: str, model: str | None, normalize: bool | None, truncate: bool | None

@@ -107,7 +107,19 @@ class EmbeddingClient(ClientBase):
             )
         except grpc.RpcError as exc:
             raise error_from_rpc_error(exc) from exc
+        self._learn_limits(response)
         return response
+
+    def _know_limits(self) -> None:
+        """Before the first stream or batch call: the server's message limit, so that a message
+        over it is this item's error (IMAGE_TOO_LARGE, TEXT_TOO_LARGE) and not gRPC's
+        RESOURCE_EXHAUSTED for the whole call. One GetModelInfo per client."""
+        if self._limits_learned:
+            return
+        try:
+            self.model_info()
+        except ClipVisionError as error:
+            self._limits_unknowable(error)
 
     @overload
     def embed_images(
@@ -151,6 +163,7 @@ class EmbeddingClient(ClientBase):
         the generator, or exhaust it, to end the call.
         """
         self._check_open()
+        self._know_limits()
         window: StreamWindow[pb.EmbedImageStreamRequest, pb.EmbedImageStreamResponse, FloatArray]
         window = StreamWindow(self._stream_window, "EmbedImageStream", "images", to_vector)
         requests = (self._image_stream_request(image, model, normalize) for image in images)
@@ -226,6 +239,7 @@ class EmbeddingClient(ClientBase):
         the list. Options are as for ``embed_text``.
         """
         self._check_open()
+        self._know_limits()
         checked = [self._text_or_error(text) for text in texts]
         sendable = [text for text in checked if isinstance(text, str)]
         response = pb.EmbedTextsResponse()
@@ -281,6 +295,7 @@ class EmbeddingClient(ClientBase):
         as for ``embed_text``.
         """
         self._check_open()
+        self._know_limits()
         window: StreamWindow[pb.EmbedTextStreamRequest, pb.EmbedTextStreamResponse, TextEmbedding]
         window = StreamWindow(self._stream_window, "EmbedTextStream", "texts", to_text_embedding)
         requests = (self._text_stream_request(text, model, normalize, truncate) for text in texts)

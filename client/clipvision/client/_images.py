@@ -73,9 +73,9 @@ def to_image(image: ImageInput, max_message_bytes: int) -> pb.Image:
         raise error_from_status(
             grpc.StatusCode.INVALID_ARGUMENT,
             "IMAGE_TOO_LARGE",
-            f"The image is {size} bytes and the channel's message limit is "
-            f"{max_message_bytes} bytes; shrink the image or raise max_message_bytes on the "
-            "server and the client.",
+            f"The image is {size} bytes and a message may be at most {max_message_bytes} "
+            "bytes (the server's limit, or the client's max_message_bytes where less); shrink "
+            "the image, or raise the server's --max-message-bytes (and the client's).",
         )
     return message
 

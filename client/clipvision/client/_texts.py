@@ -35,8 +35,9 @@ def to_text(text: str, max_message_bytes: int) -> str:
         raise error_from_status(
             grpc.StatusCode.INVALID_ARGUMENT,
             "TEXT_TOO_LARGE",
-            f"The text is {size} bytes and the channel's message limit is {max_message_bytes} "
-            "bytes; shorten the text or raise max_message_bytes on the server and the client.",
+            f"The text is {size} bytes and a message may be at most {max_message_bytes} bytes "
+            "(the server's limit, or the client's max_message_bytes where less); shorten the "
+            "text, or raise the server's --max-message-bytes (and the client's).",
         )
     return text
 
