@@ -331,7 +331,7 @@ class MemoryBudget:
 
     @property
     def used(self) -> int:
-        """Bytes admitted or held in the read room now."""
+        """Bytes admitted or held in the read rooms now."""
         return self.reads.used + self.probe_reads.used + self.pool.used
 
     def resize(self, total: int) -> None:
@@ -356,7 +356,10 @@ class MemoryBudget:
     @property
     def read_size(self) -> int:
         """What one read reserves: the largest message, or all the read room if that is less."""
-        return min(self._largest_read, self.reads.limit)
+        return self._reserved_in(self.reads)
+
+    def _reserved_in(self, room: FairPool) -> int:
+        return min(self._largest_read, room.limit)
 
     def read_room(self, probe: bool = False) -> FairPool:
         """Where a message is read: a health check's in the probes' room, others in ``reads``."""
@@ -365,7 +368,7 @@ class MemoryBudget:
     def try_reserve_read(self, caller: str, probe: bool = False) -> ReadHold | None:
         """Reserve room for one message about to be read, if there is room now (nobody waits)."""
         room = self.read_room(probe)
-        size = min(self._largest_read, room.limit)
+        size = self._reserved_in(room)
         if not room.try_take(caller, size):
             return None
         return ReadHold(room, caller, size)
@@ -382,7 +385,7 @@ class MemoryBudget:
         if self._observer is not None:
             self._observer.on_admission_wait("memory")
         room = self.read_room(probe)
-        size = min(self._largest_read, room.limit)
+        size = self._reserved_in(room)
         if wait_s is None:
             await room.take(caller, size)
         elif not await room.take_within(caller, size, wait_s):
