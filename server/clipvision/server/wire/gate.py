@@ -51,7 +51,7 @@ from clipvision.server.ops.calls import GateMark, open_gate_mark
 from clipvision.server.ops.logs import RateLimitedLog
 from clipvision.server.ops.metrics import ServerMetrics
 from clipvision.server.resources.admission import MemoryBudget, ReadHold
-from clipvision.server.wire.interceptors import HandlerCache, rich_status
+from clipvision.server.wire.interceptors import HandlerCache, abort, rich_status
 from clipvision.server.wire.slots import Slot, SlotPool
 
 logger = logging.getLogger(__name__)
@@ -499,7 +499,7 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             error.reason.value,
             _peer(context),
         )
-        await context.abort(status.code, status.details, status.trailing_metadata)
+        await abort(context, status.code, status.details, status.trailing_metadata)
 
 
 class _Admission:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+from grpc._cython import cygrpc  # type: ignore[attr-defined]  # no stubs: grpc internals
 from grpc_status import rpc_status
 
 from clipvision.inference_v2 import grpc_service_pb2 as oip
@@ -173,8 +174,11 @@ class _CallBooks:
         status = rich_status(error)
         exc.__traceback__ = None  # its frames hold the request; see _wrap_unary
         del exc
-        await context.abort(
-            status.code, status.details, (*status.trailing_metadata, *record.trailing_metadata())
+        await abort(
+            context,
+            status.code,
+            status.details,
+            (*status.trailing_metadata, *record.trailing_metadata()),
         )
 
     def ended(
@@ -203,6 +207,26 @@ class _CallBooks:
         exc: BaseException | None = None,
     ) -> None:
         log_failed_call(logger, record, self.method, code.name, reason, exc)
+
+
+async def abort(
+    context: grpc.aio.ServicerContext[Any, Any],
+    code: grpc.StatusCode,
+    details: str,
+    trailing_metadata: Sequence[tuple[str, str | bytes]],
+) -> NoReturn:
+    """End the call with this status, as ``context.abort`` does (it raises AbortError).
+
+    A caller that resets its call just before the status goes out makes grpc's send fail;
+    grpc then logs an ERROR with a traceback for each such call, which a client can repeat
+    at will (the attack bench's truncated messages did, 0-4 lines a run). The call is gone,
+    so it ends as a cancelled one instead: CancelledError, which grpc logs at debug level.
+    """
+    try:
+        await context.abort(code, details, tuple(trailing_metadata))
+    except cygrpc.ExecuteBatchError:
+        raise asyncio.CancelledError from None
+    raise AssertionError("context.abort returned")  # it always raises
 
 
 def _expired(context: grpc.aio.ServicerContext[Any, Any]) -> bool:
