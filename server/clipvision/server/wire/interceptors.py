@@ -218,9 +218,10 @@ async def abort(
     """End the call with this status, as ``context.abort`` does (it raises AbortError).
 
     A caller that resets its call just before the status goes out makes grpc's send fail;
-    grpc then logs an ERROR with a traceback for each such call, which a client can repeat
-    at will (the attack bench's truncated messages did, 0-4 lines a run). The call is gone,
-    so it ends as a cancelled one instead: CancelledError, which grpc logs at debug level.
+    grpc then logs an ERROR with a traceback for such a call (rate-limited: ops/logs.py),
+    which a client can cause at will (the attack bench's truncated messages did, 0-4 lines
+    a run). The call is gone, so it ends as a cancelled one instead: CancelledError, which
+    grpc logs at debug level.
     """
     try:
         await context.abort(code, details, tuple(trailing_metadata))
