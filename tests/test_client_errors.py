@@ -13,6 +13,7 @@ from clipvision.client import (
     CallCancelledError,
     ClipVisionError,
     DeadlineExceededError,
+    EmbeddingClient,
     ImageReadError,
     InternalError,
     InvalidImageError,
@@ -99,3 +100,22 @@ async def test_retry_info_from_the_server_becomes_retry_after_s() -> None:
     assert caught.value.reason == "QUEUE_FULL"
     assert caught.value.retry_after_s == pytest.approx(1.5)
     assert caught.value.message == "The queue is full; retry."
+
+
+@pytest.mark.parametrize(
+    ("code", "asked_again"),
+    [
+        (grpc.StatusCode.UNIMPLEMENTED, False),  # a server without GetModelInfo
+        (grpc.StatusCode.PERMISSION_DENIED, False),
+        (grpc.StatusCode.UNAVAILABLE, True),  # not reached: ask before the next stream
+        (grpc.StatusCode.DEADLINE_EXCEEDED, True),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, True),  # too busy to answer now
+    ],
+)
+def test_a_failed_limits_question_is_asked_again_only_when_it_may_succeed(
+    code: grpc.StatusCode, asked_again: bool
+) -> None:
+    with EmbeddingClient("127.0.0.1:1") as client:  # nothing is dialled
+        client._limits_unknowable(error_from_status(code, "", "What to do."))
+        assert client._limits_learned is not asked_again
+        assert client._message_limit() == 64 * 1024 * 1024  # its own limit holds meanwhile

@@ -17,6 +17,7 @@ from clipvision.client._errors import (
     CallCancelledError,
     ClipVisionError,
     DeadlineExceededError,
+    ResourceExhaustedError,
     UnavailableError,
 )
 from clipvision.client._images import ImageInput, to_image
@@ -135,8 +136,12 @@ class ClientBase:
 
     def _limits_unknowable(self, error: ClipVisionError) -> None:
         """GetModelInfo failed before a stream: a server that lacks or refuses it is not asked
-        again (our own limit holds); one that could not be reached is, before the next."""
-        if not isinstance(error, UnavailableError | DeadlineExceededError | CallCancelledError):
+        again (our own limit holds); one that could not be reached or was too busy to answer
+        is, before the next."""
+        transient = (
+            UnavailableError | DeadlineExceededError | CallCancelledError | ResourceExhaustedError
+        )
+        if not isinstance(error, transient):
             self._limits_learned = True
 
     def _image(self, image: ImageInput) -> pb.Image:
