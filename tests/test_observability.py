@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 from collections.abc import AsyncIterator
 
 import grpc
@@ -18,7 +19,7 @@ from clipvision.server.app import connection_options
 from clipvision.server.config.flags import parse_settings
 from clipvision.server.config.settings import Settings
 from clipvision.server.ops.calls import request_id_from
-from clipvision.server.ops.logs import JsonFormatter
+from clipvision.server.ops.logs import ClientFaultFilter, JsonFormatter
 from clipvision.server.ops.metrics import (
     LATENCY_BUCKETS,
     BulkHistogram,
@@ -176,6 +177,36 @@ def test_json_logs_are_one_object_per_line_with_the_extra_fields() -> None:
     assert entry["duration_ms"] == 1.5
     assert "args" not in entry
     assert "msg" not in entry
+
+
+def test_grpcs_errors_about_what_a_client_sent_are_demoted_to_info_without_a_traceback() -> None:
+    # grpc logs "Invalid encoding on b'...'" at ERROR with a UnicodeDecodeError's traceback
+    # for each metadata value a client sends that is not UTF-8 (the attack bench: 10 lines).
+    logger = logging.getLogger("grpc._cython.cygrpc")
+    try:
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+    except UnicodeDecodeError:
+        client_fault = logger.makeRecord(
+            logger.name, logging.ERROR, "grpc_string.pyx.pxi", 48,
+            "Invalid encoding on %s", (b"\xff\xfe\x80",), sys.exc_info(),
+        )  # fmt: skip
+    own_fault = logger.makeRecord(
+        logger.name, logging.ERROR, "server.pyx.pxi", 1, "Unexpected error", (), None
+    )
+    demote = ClientFaultFilter()
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        assert demote.filter(client_fault)
+        assert (client_fault.levelname, client_fault.exc_info) == ("INFO", None)
+        assert "Traceback" not in logging.Formatter().format(client_fault)
+        assert demote.filter(own_fault)
+        assert own_fault.levelname == "ERROR"  # grpc's own faults stay errors
+        logger.setLevel(logging.WARNING)  # a server logging warnings and up drops it
+        client_fault.levelno, client_fault.levelname = logging.ERROR, "ERROR"
+        assert not demote.filter(client_fault)
+    finally:
+        logger.setLevel(previous)
 
 
 def test_device_memory_is_reported_for_cuda_devices_only() -> None:

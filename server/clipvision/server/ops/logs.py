@@ -109,6 +109,27 @@ class RateLimitFilter(logging.Filter):
         return count < self._burst
 
 
+# What grpc logs at ERROR, with a traceback, about what a client sent: metadata values that
+# are not UTF-8 (the call goes on, or the gate refuses it with its own status and line).
+CLIENT_FAULTS = ("Invalid encoding on ",)
+
+
+class ClientFaultFilter(logging.Filter):
+    """Demotes grpc's records of a client's own faults (CLIENT_FAULTS) to INFO, without the
+    traceback: the server is fine, and an ERROR is what an operator is paged for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite such a record's level; False if that level is below the logger's."""
+        msg = record.msg
+        if record.levelno <= logging.INFO or not isinstance(msg, str):
+            return True
+        if not msg.startswith(CLIENT_FAULTS):
+            return True
+        record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        record.exc_info = record.exc_text = None
+        return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+
+
 # Loggers that log per call on faults a client controls (asyncio: "Task exception was never
 # retrieved" from grpc's own tasks).
 GRPC_LOGGERS = ("grpc._cython.cygrpc", "grpc.aio._server", "grpc._server", "asyncio")
@@ -123,4 +144,5 @@ def configure_logging(level: str, log_format: str) -> None:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     for name in GRPC_LOGGERS:
+        logging.getLogger(name).addFilter(ClientFaultFilter())
         logging.getLogger(name).addFilter(RateLimitFilter())
