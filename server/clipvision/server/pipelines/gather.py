@@ -13,22 +13,6 @@ from clipvision.server.resources.admission import Ticket
 T = TypeVar("T")
 
 
-class LoopBound:
-    """Keeps the event loop it first ran on, for the per-item futures and tasks it makes.
-
-    ``asyncio.get_running_loop()`` makes a getpid() system call each time on CPython 3.11
-    (its fork check): once per item, that showed in the event loop's native profile.
-    """
-
-    _bound_loop: asyncio.AbstractEventLoop | None = None
-
-    def _loop(self) -> asyncio.AbstractEventLoop:
-        loop = self._bound_loop
-        if loop is None:
-            loop = self._bound_loop = asyncio.get_running_loop()
-        return loop
-
-
 async def all_or_none(awaitables: list[Awaitable[T]]) -> list[T]:
     """Await every item; if one raises, cancel the rest and raise that."""
     tasks = [asyncio.ensure_future(awaitable) for awaitable in awaitables]

@@ -29,7 +29,6 @@ from typing import Any, Protocol
 
 from clipvision.server.ops.calls import CallRecord, HeldBytes, StageTimes, current_call
 from clipvision.server.pipelines.gather import (
-    LoopBound,
     admitted,
     give_back_read,
     outcomes_of,
@@ -83,7 +82,6 @@ class _Item:
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
         model: ServedModel,
         caller: str,
         normalize: bool,
@@ -98,7 +96,7 @@ class _Item:
         # given back once the image is admitted (its admission counts those bytes).
         self.held = held
         self.read_share: int | None = None
-        self.future: asyncio.Future[FloatArray] = loop.create_future()
+        self.future: asyncio.Future[FloatArray] = asyncio.get_running_loop().create_future()
         self.record: CallRecord | None = current_call()
         self.job: Job[Any] | None = None  # a probe or decode not yet started
         self.task: asyncio.Task[Any] | None = None  # a fetch or a wait for the budget
@@ -106,7 +104,7 @@ class _Item:
         self.preprocess_s = 0.0
 
 
-class ImagePipeline(LoopBound):
+class ImagePipeline:
     """Embeds images for any served model; images of all callers share it."""
 
     def __init__(
@@ -178,7 +176,7 @@ class ImagePipeline(LoopBound):
         back what it holds (a decode already running ends first, and holds its memory till
         then).
         """
-        item = _Item(self._loop(), model, caller, normalize, deadline, held)
+        item = _Item(model, caller, normalize, deadline, held)
         item.future.add_done_callback(functools.partial(self._finished, item))
         if isinstance(image, bytes):
             data: bytes | None = image
@@ -192,7 +190,7 @@ class ImagePipeline(LoopBound):
             self._probe(item, data)
         else:
             assert isinstance(image, pb.Image)
-            item.task = self._loop().create_task(self._sources.resolve(image))
+            item.task = asyncio.get_running_loop().create_task(self._sources.resolve(image))
             item.task.add_done_callback(functools.partial(self._resolved, item))
         return item.future
 
@@ -242,7 +240,7 @@ class ImagePipeline(LoopBound):
             return
         # The budget had no room when the worker looked: wait for it in fair order.
         wait = self._budget.admit(item.caller, outcome.cost, seconds_left(item.deadline))
-        item.task = self._loop().create_task(wait)
+        item.task = asyncio.get_running_loop().create_task(wait)
         item.task.add_done_callback(functools.partial(self._waited, item, outcome.probed))
 
     def _waited(self, item: _Item, probed: ProbedImage, task: asyncio.Task[Ticket]) -> None:

@@ -24,7 +24,6 @@ from typing import Any, Protocol
 
 from clipvision.server.ops.calls import CallRecord, HeldBytes, StageTimes, current_call
 from clipvision.server.pipelines.gather import (
-    LoopBound,
     admitted,
     give_back_read,
     outcomes_of,
@@ -79,7 +78,6 @@ class _Item:
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
         model: ServedModel,
         tower: TextModel,
         caller: str,
@@ -95,7 +93,7 @@ class _Item:
         self.caller = caller
         self.normalize = normalize
         self.deadline = deadline
-        self.future: asyncio.Future[TextVector] = loop.create_future()
+        self.future: asyncio.Future[TextVector] = asyncio.get_running_loop().create_future()
         self.record: CallRecord | None = current_call()
         self.job: Job[Any] | None = None
         self.task: asyncio.Task[Any] | None = None
@@ -106,7 +104,7 @@ class _Item:
         self.tokens = 0
 
 
-class TextPipeline(LoopBound):
+class TextPipeline:
     """Embeds texts for any served model; texts of all callers share it."""
 
     def __init__(
@@ -174,7 +172,7 @@ class TextPipeline(LoopBound):
         text fails its future. Cancelling the future drops the text at its next stage.
         """
         tower = model.text_tower()
-        item = _Item(self._loop(), model, tower, caller, normalize, deadline, held)
+        item = _Item(model, tower, caller, normalize, deadline, held)
         item.future.add_done_callback(functools.partial(self._finished, item))
         try:
             item.size = tower.encoder.check(text)
@@ -212,7 +210,7 @@ class TextPipeline(LoopBound):
             self._admitted(item, tokenized, ticket)
             return
         wait = self._budget.admit(item.caller, cost, seconds_left(item.deadline))
-        item.task = self._loop().create_task(wait)
+        item.task = asyncio.get_running_loop().create_task(wait)
         item.task.add_done_callback(functools.partial(self._waited, item, tokenized))
 
     def _waited(self, item: _Item, tokenized: TokenizedText, task: asyncio.Task[Ticket]) -> None:
