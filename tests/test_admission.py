@@ -374,6 +374,18 @@ async def test_a_message_is_read_only_against_room_reserved_before_it_arrives(
         assert server.server.registry.budget.used == 0
 
 
+def silent_stream(
+    channel: grpc.aio.Channel, never: asyncio.Event
+) -> grpc.aio.StreamStreamCall[pb.EmbedImageStreamRequest, pb.EmbedImageStreamResponse]:
+    """An EmbedImageStream that sends no message until ``never`` is set (it holds read room)."""
+
+    async def nothing() -> AsyncIterator[pb.EmbedImageStreamRequest]:
+        await never.wait()
+        yield pb.EmbedImageStreamRequest()
+
+    return pb_grpc.EmbeddingServiceStub(channel).EmbedImageStream(nothing())
+
+
 async def test_idle_streams_holding_read_room_are_ended_when_others_need_it(
     base_settings: Settings,
 ) -> None:
@@ -385,14 +397,9 @@ async def test_idle_streams_holding_read_room_are_ended_when_others_need_it(
     ):
         reads = server.server.registry.budget.reads
         never: asyncio.Event = asyncio.Event()
-
-        async def nothing() -> AsyncIterator[pb.EmbedImageStreamRequest]:
-            await never.wait()
-            yield pb.EmbedImageStreamRequest()
-
-        first = pb_grpc.EmbeddingServiceStub(idle_a).EmbedImageStream(nothing())
+        first = silent_stream(idle_a, never)
         await wait_until(lambda: reads.used == 4 * MIB)
-        second = pb_grpc.EmbeddingServiceStub(idle_b).EmbedImageStream(nothing())
+        second = silent_stream(idle_b, never)
         await wait_until(lambda: reads.used == 8 * MIB)  # the read room is full
         started = time.monotonic()
         image = pb.Image(content=photo_bytes("rocket.jpg"))
@@ -426,15 +433,7 @@ async def test_health_checks_are_answered_at_once_while_idle_streams_hold_the_re
     ):
         budget = server.server.registry.budget
         never: asyncio.Event = asyncio.Event()
-
-        async def nothing() -> AsyncIterator[pb.EmbedImageStreamRequest]:
-            await never.wait()
-            yield pb.EmbedImageStreamRequest()
-
-        streams = [
-            pb_grpc.EmbeddingServiceStub(channel).EmbedImageStream(nothing())
-            for channel in (idle_a, idle_b)
-        ]
+        streams = [silent_stream(channel, never) for channel in (idle_a, idle_b)]
         await wait_until(lambda: budget.reads.used == budget.reads.limit)  # full
         health = health_pb2_grpc.HealthStub(probes)
         for _ in range(5):

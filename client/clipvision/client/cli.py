@@ -184,8 +184,24 @@ PLAINTEXT = Security(
 )
 
 
+# The flags add_security_arguments adds, for a command that takes them only in one mode.
+SECURITY_FLAGS = (
+    "--tls",
+    "--ca-cert",
+    "--client-cert",
+    "--client-key",
+    "--server-name",
+    "--token-file",
+)
+
+
+def security_flags_given(args: argparse.Namespace) -> list[str]:
+    """Which of SECURITY_FLAGS the command line set."""
+    return [flag for flag in SECURITY_FLAGS if getattr(args, flag[2:].replace("-", "_"))]
+
+
 def add_security_arguments(group: argparse._ArgumentGroup) -> None:
-    """TLS and token flags, the same wherever a command calls a server."""
+    """TLS and token flags (SECURITY_FLAGS), the same wherever a command calls a server."""
     group.add_argument("--tls", action="store_true", help="connect with TLS")
     group.add_argument("--ca-cert", type=Path, help="PEM roots to verify the server (with --tls)")
     group.add_argument("--client-cert", type=Path, help="PEM certificate chain for mutual TLS")

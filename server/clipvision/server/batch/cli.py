@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from clipvision.client.cli import add_security_arguments, security_of
+from clipvision.client.cli import add_security_arguments, security_flags_given, security_of
 from clipvision.server.batch.manifest import InputOptions
 from clipvision.server.batch.outcomes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, JobError
 from clipvision.server.batch.storage import JobDirectory, JobRecord, StorageError
@@ -174,23 +174,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-_SECURITY_FLAGS = (
-    "--tls",
-    "--ca-cert",
-    "--client-cert",
-    "--client-key",
-    "--server-name",
-    "--token-file",
-)
-
-
 def _run(args: argparse.Namespace) -> int:
     # Imported here: the model stage needs torch, which status and verify do without.
     from clipvision.server.batch.encoders import ModelOptions
     from clipvision.server.batch.job import RunOptions, identify_model, open_job, run_shards
 
     model = args.model if args.model is not None else ("" if args.endpoint else DEFAULT_MODEL)
-    secured = [flag for flag in _SECURITY_FLAGS if getattr(args, flag[2:].replace("-", "_"))]
+    secured = security_flags_given(args)
     if secured and not args.endpoint:
         raise JobError(f"{secured[0]} is for --endpoint: the job hosts the model itself otherwise")
     try:

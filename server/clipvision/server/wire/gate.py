@@ -471,12 +471,13 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         at once, and a stream between messages can open again."""
         if self._budget is None or not self._budget.read_room(probe).waiting:
             return
-        readers = [
+        readers = (
             entry for entry in self._reading.items() if (entry[0].kind is CallKind.PROBE) == probe
-        ]
-        if not readers:
+        )
+        idlest = min(readers, key=lambda entry: entry[1], default=None)
+        if idlest is None:
             return
-        call, since = min(readers, key=lambda entry: entry[1])
+        call, since = idlest
         if time.monotonic() - since < self.limits.evict_reading_after_s:
             return
         self._reading.pop(call, None)
