@@ -3,6 +3,7 @@
     .venv/bin/python bench/overhead.py                   # every row, 8 s windows
     .venv/bin/python bench/overhead.py --seconds 4       # shorter
     .venv/bin/python bench/overhead.py --rows stream --profile /tmp/prof   # py-spy the server
+    .venv/bin/python bench/overhead.py --protocol grpc --rounds 5   # medians of five rounds
 
 A near-free model (the tests' tiny 16-d CLIP, 32 px crops) makes the server's own
 work visible: what it spends per item beyond decoding, preprocessing and the forward
@@ -48,6 +49,7 @@ import multiprocessing.connection
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -642,11 +644,16 @@ def pipeline_cpu_ms(checkpoint: Path, images: list[bytes], args: Any) -> dict[st
     rounds = 3 if args.preset else 40
 
     def cpu(work: Callable[[], object], items: int) -> float:
+        """The median of five timings of ``rounds`` calls: one timing of a fraction of a second
+        moved the reference by up to 20 % from run to run, and the own work with it."""
         work()
-        started = time.process_time()
-        for _ in range(rounds):
-            work()
-        return (time.process_time() - started) * 1000 / (rounds * items)
+        timings = []
+        for _ in range(5):
+            started = time.process_time()
+            for _ in range(rounds):
+                work()
+            timings.append((time.process_time() - started) * 1000 / (rounds * items))
+        return statistics.median(timings)
 
     batch = [images[i % len(images)] for i in range(BATCH)]
     pixels = [encoder.preprocess(data) for data in batch]
@@ -744,6 +751,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="with --profile: native frames too (the server runs far slower meanwhile)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat the reference, the floor and the server this many times (each round "
+        "alternating which goes first); every figure is the median of the rounds",
+    )
     parser.add_argument("--no-floor", action="store_true", help="skip the bare server")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
@@ -782,20 +796,64 @@ def main(argv: list[str] | None = None) -> int:
         },
         "rows": [],
     }
+    rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = build_checkpoint(Path(directory))
-        inprocess = pipeline_cpu_ms(checkpoint, images, args)
-        results["in_process_ms"] = inprocess
-        floor: dict[str, Measured] = {}
-        if not args.no_floor:
-            with bare_server(args) as bare:
-                for row in rows:
-                    if row.protocol == "grpc":
-                        floor[row.name] = measure(bare, row, images, args)
-        ours: dict[str, Measured] = {}
-        with clipvision_server(checkpoint, args) as server:
-            for row in rows:
-                ours[row.name] = measure(server, row, images, args)
+        for number in range(args.rounds):
+            inprocess = pipeline_cpu_ms(checkpoint, images, args)
+            # Alternated, so that a machine slowing through the run favours neither side.
+            if number % 2 == 0:
+                floor = floor_rows(rows, images, args)
+                ours = server_rows(checkpoint, rows, images, args)
+            else:
+                ours = server_rows(checkpoint, rows, images, args)
+                floor = floor_rows(rows, images, args)
+            rounds.append(
+                {"in_process_ms": inprocess, "rows": round_entries(rows, inprocess, floor, ours)}
+            )
+    results["rounds"] = rounds
+    results["in_process_ms"] = median_of([one["in_process_ms"] for one in rounds])
+    results["rows"] = [
+        median_of([one["rows"][index] for one in rounds]) for index in range(len(rows))
+    ]
+    for index, entry in enumerate(results["rows"]):
+        if "own_over_floor" in entry and len(rounds) > 1:
+            entry["own_over_floor_rounds"] = [
+                one["rows"][index]["own_over_floor"] for one in rounds
+            ]
+    print_table(results)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def floor_rows(rows: list[Row], images: list[bytes], args: Any) -> dict[str, Measured]:
+    """The gRPC rows against a fresh bare floor (none with --no-floor)."""
+    if args.no_floor:
+        return {}
+    with bare_server(args) as bare:
+        return {
+            row.name: measure(bare, row, images, args) for row in rows if row.protocol == "grpc"
+        }
+
+
+def server_rows(
+    checkpoint: Path, rows: list[Row], images: list[bytes], args: Any
+) -> dict[str, Measured]:
+    """Every row against a fresh clipvision server."""
+    with clipvision_server(checkpoint, args) as server:
+        return {row.name: measure(server, row, images, args) for row in rows}
+
+
+def round_entries(
+    rows: list[Row],
+    inprocess: dict[str, float],
+    floor: dict[str, Measured],
+    ours: dict[str, Measured],
+) -> list[dict[str, Any]]:
+    """One round's figures per row: the server's, the floor's, and the two set against
+    each other and against the in-process reference measured in the same round."""
+    entries = []
     for row in rows:
         measured = ours[row.name]
         pipeline = inprocess[row.modality]
@@ -822,11 +880,23 @@ def main(argv: list[str] | None = None) -> int:
             entry["http_layer_ms_per_item"] = own - (
                 ours[twin].cpu_ms_per_item - inprocess[row.modality]
             )
-        results["rows"].append(entry)
-    print_table(results)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
-    return 0
+        entries.append(entry)
+    return entries
+
+
+def median_of(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rounds' entries as one: each number (and each number of a dict) their median,
+    everything else the first round's."""
+    merged: dict[str, Any] = {}
+    for key, first in entries[0].items():
+        values = [entry[key] for entry in entries if key in entry]
+        if isinstance(first, float | int) and not isinstance(first, bool):
+            merged[key] = statistics.median(values)
+        elif isinstance(first, dict) and all(isinstance(v, float) for v in first.values()):
+            merged[key] = median_of(values)
+        else:
+            merged[key] = first
+    return merged
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -838,8 +908,14 @@ def print_table(results: dict[str, Any]) -> None:
         f"in-process per item: image "
         f"{inprocess['image_preprocess']:.3f} ms preprocess + {inprocess['image_forward']:.3f} ms "
         f"forward, text {inprocess['text_tokenize']:.3f} ms tokenize + "
-        f"{inprocess['text_forward']:.3f} ms forward (batch {BATCH})\n"
+        f"{inprocess['text_forward']:.3f} ms forward (batch {BATCH})"
     )
+    if len(results.get("rounds", ())) > 1:
+        print(
+            f"the median of {len(results['rounds'])} rounds (each ratio in brackets, in "
+            "the order run)"
+        )
+    print()
     header = (
         "| pattern | server items/s | server CPU per item | of which pipeline (in-process) "
         "| the server's own work | bare grpc.aio per item | own / bare (target) |"
@@ -850,6 +926,8 @@ def print_table(results: dict[str, Any]) -> None:
         floor = entry.get("floor_cpu_ms_per_item")
         ratio = entry.get("own_over_floor")
         versus = f"{ratio:.1f}x (<= {entry.get('target', 0):g}x)" if ratio is not None else "-"
+        if "own_over_floor_rounds" in entry:
+            versus += " [" + ", ".join(f"{r:.1f}" for r in entry["own_over_floor_rounds"]) + "]"
         if "http_layer_ms_per_item" in entry:
             versus = f"HTTP layer {entry['http_layer_ms_per_item']:+.3f} ms over gRPC's"
         print(
