@@ -22,18 +22,21 @@ from clipvision.server.config.flags import parse_settings
 from clipvision.server.config.limits import MIN_BUDGET, ImageLimits, byte_size
 from clipvision.server.config.settings import ModelSpec, Settings, TlsFiles
 from clipvision.server.errors import InvalidImageError, OverloadedError, Reason
+from clipvision.server.pipelines.texts import TextPipeline, TextVector
 from clipvision.server.resources.admission import FairPool, ItemCost, MemoryBudget
 from clipvision.server.resources.dispatch import FairDispatcher
 from clipvision.server.resources.memory import container_limit, default_budget
 from clipvision.server.runtime import preprocess
 from clipvision.server.runtime.batcher import MicroBatcher
 from clipvision.server.runtime.image_encoder import FloatArray
+from clipvision.server.runtime.models import ServedModel
 from clipvision.server.runtime.preprocess import (
     PreprocessConfig,
     UInt8Array,
     decode_working_set,
     probe_image,
 )
+from clipvision.server.runtime.text_encoder import TokenizedText
 
 
 @pytest.mark.parametrize(
@@ -535,3 +538,98 @@ async def test_a_decode_on_a_stopped_pool_fails_and_gives_back_what_it_held() ->
         await dispatcher.run("a", 1, lambda: None, lambda: ended.append("a"))
     assert ended == ["a"]
     assert dispatcher.running == 0
+
+
+class _Waits:
+    """Counts the memory budget's waits (a BudgetObserver)."""
+
+    def __init__(self) -> None:
+        self.memory = 0
+
+    def on_budget(self, total: int) -> None:
+        pass
+
+    def on_admission_wait(self, resource: str) -> None:
+        self.memory += resource == "memory"
+
+    def on_admission_refused(self, reason: str) -> None:
+        pass
+
+
+class _TextTower:
+    """A text tower's stand-in: its ids are the text's bytes, its vector their sum; a real
+    MicroBatcher on a device thread of its own; gates that hold its batches and its tokenizing."""
+
+    def __init__(self, device: ThreadPoolExecutor) -> None:
+        self.encoder = self
+        self.gate = threading.Event()
+        self.tokenizing = threading.Event()
+        self.tokenizing.set()
+        self.batcher: MicroBatcher[np.ndarray] = MicroBatcher(
+            "words", self._run, device, modality="text", max_batch_size=8
+        )
+
+    def check(self, text: str) -> int:
+        return len(text.encode())
+
+    def tokenize(self, text: str, truncate: bool) -> TokenizedText:
+        self.tokenizing.wait(5)
+        return TokenizedText(np.frombuffer(text.encode(), np.uint8).astype(np.int64), False)
+
+    def _run(self, batch: list[np.ndarray]) -> FloatArray:
+        self.gate.wait(5)
+        return np.array([[float(ids.sum()), 1.0] for ids in batch], dtype=np.float32)
+
+
+class _TextModel:
+    name = "words"
+
+    def __init__(self, tower: _TextTower) -> None:
+        self.tower = tower
+
+    def text_tower(self) -> _TextTower:
+        return self.tower
+
+
+async def test_texts_admitted_by_the_worker_or_after_a_wait_all_give_back_their_bytes() -> None:
+    # 8 bytes of text cost 80 (twice the text, eight 8-byte ids); the pool admits 84: one
+    # text at a time, so the second and third wait for the first to be answered.
+    waits = _Waits()
+    budget = MemoryBudget(100, waits, largest_read=4)
+    with ThreadPoolExecutor(2) as workers, ThreadPoolExecutor(1) as device:
+        tower = _TextTower(device)
+        tower.batcher.start()
+        pipeline = TextPipeline(budget, FairDispatcher(workers, slots=2))
+        model = cast(ServedModel, _TextModel(tower))
+        texts = ["abcdefgh", "bcdefghi", "cdefghij"]
+        call = asyncio.ensure_future(
+            pipeline.embed_many(model, "a", texts, False, True, deadline=None)
+        )
+        await asyncio.sleep(0.1)
+        assert budget.pool.used == 80  # the first, admitted by its worker, on the device
+        tower.gate.set()
+        outcomes = await call
+        # A caller that leaves while its text is admitted and waits for the device.
+        tower.gate.clear()
+        gone = pipeline.start(model, "b", "defghijk", False, True, deadline=None)
+        await asyncio.sleep(0.1)
+        assert budget.pool.used == 80
+        gone.cancel()
+        await asyncio.sleep(0)
+        assert budget.pool.used == 0
+        # One that leaves while its worker tokenizes: the worker admits it, the loop gives
+        # that back.
+        tower.tokenizing.clear()
+        late = pipeline.start(model, "c", "efghijkl", False, True, deadline=None)
+        await asyncio.sleep(0.1)
+        late.cancel()
+        tower.tokenizing.set()
+        await asyncio.sleep(0.1)
+        assert budget.pool.used == 0
+        tower.gate.set()
+        await tower.batcher.stop()
+    assert [cast(TextVector, o).vector.tolist() for o in outcomes] == [
+        [float(sum(text.encode())), 1.0] for text in texts
+    ]
+    assert waits.memory == 2
+    assert budget.used == 0

@@ -4,7 +4,7 @@
 2. tokenize it with the checkpoint's tokenizer in its caller's fair turn of the
    preprocessing pool, cut to the context or refused (truncate=false);
 3. admit it against the memory budget (its bytes and ids: small, but a stream of
-   thousands adds up);
+   thousands adds up), in the same worker job when the budget has room;
 4. batch it with other callers' texts (batcher.MicroBatcher), padded to the
    longest text of the batch, on the device thread the images use too.
 
@@ -184,7 +184,7 @@ class TextPipeline:
         item.job = self._tokenizes.submit(
             caller,
             item.size,
-            functools.partial(_tokenize, tower, text, truncate),
+            functools.partial(_tokenize, tower, text, truncate, self._budget, caller, item.size),
             functools.partial(self._tokenized, item),
             item.future.done,
             light=True,  # tokenizing one text holds the GIL throughout
@@ -193,23 +193,25 @@ class TextPipeline:
 
     # -- the stages, as callbacks on the event loop ---------------------------------------
 
-    def _tokenized(self, item: _Item, outcome: tuple[TokenizedText, float] | BaseException) -> None:
+    def _tokenized(self, item: _Item, outcome: _Tokenized | BaseException) -> None:
         item.job = None
+        if isinstance(outcome, _Tokenized) and outcome.ticket is not None and item.future.done():
+            outcome.ticket.release()  # admitted by the worker as the caller left
+            return
         if item.future.done():
             return
         if isinstance(outcome, BaseException):
             settle_failed(item.future, outcome)
             return
-        tokenized, item.tokenize_s = outcome
+        tokenized = outcome.tokenized
+        item.tokenize_s = outcome.seconds
         item.truncated = tokenized.truncated
         item.tokens = len(tokenized.ids)
-        # The message's copy and ours of the text, and the ids, until answered.
-        cost = ItemCost(resident=2 * item.size + tokenized.ids.nbytes, decode=0)
-        ticket = self._budget.try_admit(item.caller, cost)
-        if ticket is not None:
-            self._admitted(item, tokenized, ticket)
+        if outcome.ticket is not None:
+            self._admitted(item, tokenized, outcome.ticket)
             return
-        wait = self._budget.admit(item.caller, cost, seconds_left(item.deadline))
+        # The budget had no room when the worker looked: wait for it in fair order.
+        wait = self._budget.admit(item.caller, outcome.cost, seconds_left(item.deadline))
         item.task = asyncio.get_running_loop().create_task(wait)
         item.task.add_done_callback(functools.partial(self._waited, item, tokenized))
 
@@ -253,8 +255,30 @@ class TextPipeline:
         give_back_read(item)
 
 
-def _tokenize(tower: TextModel, text: str, truncate: bool) -> tuple[TokenizedText, float]:
-    """Tokenize in the preprocessing pool, timed in the worker."""
+class _Tokenized:
+    """A worker's answer: the ids, the time they took, their price in the memory budget, and
+    the admission it holds when the budget had room (None: wait for it on the loop)."""
+
+    __slots__ = ("cost", "seconds", "ticket", "tokenized")
+
+    def __init__(
+        self, tokenized: TokenizedText, seconds: float, cost: ItemCost, ticket: Ticket | None
+    ) -> None:
+        self.tokenized = tokenized
+        self.seconds = seconds
+        self.cost = cost
+        self.ticket = ticket
+
+
+def _tokenize(
+    tower: TextModel, text: str, truncate: bool, budget: MemoryBudget, caller: str, size: int
+) -> _Tokenized:
+    """Tokenize in the preprocessing pool, timed in the worker, and admit the text there if
+    the budget has room now and nobody waits (thread-safely, as images are), so that the
+    event loop does not."""
     started = time.perf_counter()
     tokenized = tower.encoder.tokenize(text, truncate)
-    return tokenized, time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    # The message's copy and ours of the text, and the ids, until answered.
+    cost = ItemCost(resident=2 * size + tokenized.ids.nbytes, decode=0)
+    return _Tokenized(tokenized, seconds, cost, budget.try_admit(caller, cost))
