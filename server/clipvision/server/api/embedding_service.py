@@ -18,7 +18,7 @@ from clipvision.server.api.call_context import Context, caller_of, scope_of
 from clipvision.server.api.streams import StreamItem, answer_in_order, answered
 from clipvision.server.errors import ClipVisionError
 from clipvision.server.ops.calls import take_read_hold
-from clipvision.server.pipelines.embedding_plane import EmbeddingPlane, flag, text_embedding
+from clipvision.server.pipelines.embedding_plane import EmbeddingPlane, fill_embedding, flag
 from clipvision.server.pipelines.texts import TextVector
 from clipvision.server.runtime.image_encoder import FloatArray
 from clipvision.v1 import embedding_service_pb2 as pb
@@ -151,16 +151,18 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     ) -> pb.EmbedImageStreamResponse:
         if isinstance(outcome, Exception):
             return pb.EmbedImageStreamResponse(id=request_id, error=self._item_error(outcome))
-        embedding = pb.Embedding(values=outcome.tolist(), model=model, normalized=normalize)
-        return pb.EmbedImageStreamResponse(id=request_id, embedding=embedding)
+        response = pb.EmbedImageStreamResponse(id=request_id)
+        fill_embedding(response.embedding, outcome, model, normalize)
+        return response
 
     def _text_answer(
         self, request_id: str, model: str, normalize: bool, outcome: TextVector | Exception
     ) -> pb.EmbedTextStreamResponse:
         if isinstance(outcome, Exception):
             return pb.EmbedTextStreamResponse(id=request_id, error=self._item_error(outcome))
-        embedding = text_embedding(model, outcome, normalize)
-        return pb.EmbedTextStreamResponse(id=request_id, embedding=embedding)
+        response = pb.EmbedTextStreamResponse(id=request_id)
+        fill_embedding(response.embedding, outcome.vector, model, normalize, outcome.truncated)
+        return response
 
     def _answered(
         self, response: StreamResponse, error: ClipVisionError
