@@ -4,6 +4,8 @@
     .venv/bin/python bench/overhead.py --seconds 4       # shorter
     .venv/bin/python bench/overhead.py --rows stream --profile /tmp/prof   # py-spy the server
     .venv/bin/python bench/overhead.py --protocol grpc --rounds 5   # medians of five rounds
+    .venv/bin/python bench/overhead.py --protocol grpc --rounds 4 --before /tmp/prev
+        # /tmp/prev: `git worktree add /tmp/prev <commit>`; both servers in every round
 
 A near-free model (the tests' tiny 16-d CLIP, 32 px crops) makes the server's own
 work visible: what it spends per item beyond decoding, preprocessing and the forward
@@ -189,9 +191,10 @@ async def run_bare_server() -> None:
 class ServerUnderTest:
     """A server process (clipvision or the bare floor), its port read from its log."""
 
-    def __init__(self, command: list[str], ready: str) -> None:
+    def __init__(self, command: list[str], ready: str, env: dict[str, str] | None = None) -> None:
         self.command = command
         self.ready = ready
+        self.env = env
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.metrics_port = 0
@@ -200,7 +203,7 @@ class ServerUnderTest:
 
     def __enter__(self) -> ServerUnderTest:
         self.process = subprocess.Popen(
-            self.command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+            self.command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.env
         )
         assert self.process.stderr is not None
         deadline = time.monotonic() + 300
@@ -289,7 +292,8 @@ class ServerUnderTest:
         return totals
 
 
-def clipvision_server(checkpoint: Path, args: Any) -> ServerUnderTest:
+def clipvision_server(checkpoint: Path, args: Any, tree: str = "") -> ServerUnderTest:
+    """This tree's server, or with ``tree`` (a checkout of another commit) that tree's."""
     model = [args.preset, "--dummy-weights"] if args.preset else [f"tiny={checkpoint}"]
     command = [
         sys.executable,
@@ -313,7 +317,10 @@ def clipvision_server(checkpoint: Path, args: Any) -> ServerUnderTest:
         *(["--loop", args.loop] if args.loop != "auto" else []),
         *args.server_flag,
     ]
-    return ServerUnderTest(command, f"serving {args.preset or 'tiny'}")
+    env = None
+    if tree:
+        env = {**os.environ, "PYTHONPATH": f"{tree}/server{os.pathsep}{tree}/client"}
+    return ServerUnderTest(command, f"serving {args.preset or 'tiny'}", env)
 
 
 def bare_server(args: Any) -> ServerUnderTest:
@@ -758,6 +765,12 @@ def main(argv: list[str] | None = None) -> int:
         help="repeat the reference, the floor and the server this many times (each round "
         "alternating which goes first); every figure is the median of the rounds",
     )
+    parser.add_argument(
+        "--before",
+        default="",
+        help="a checkout of another commit (git worktree add): its server is measured in "
+        "every round too, beside this tree's, and the two are set against each other",
+    )
     parser.add_argument("--no-floor", action="store_true", help="skip the bare server")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
@@ -801,26 +814,60 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = build_checkpoint(Path(directory))
         for number in range(args.rounds):
             inprocess = pipeline_cpu_ms(checkpoint, images, args)
-            # Alternated, so that a machine slowing through the run favours neither side.
-            if number % 2 == 0:
-                floor = floor_rows(rows, images, args)
-                ours = server_rows(checkpoint, rows, images, args)
-            else:
-                ours = server_rows(checkpoint, rows, images, args)
-                floor = floor_rows(rows, images, args)
-            rounds.append(
-                {"in_process_ms": inprocess, "rows": round_entries(rows, inprocess, floor, ours)}
-            )
+            # Rotated, so that a machine slowing through the run favours no side.
+            parts: list[tuple[str, Callable[[], dict[str, Measured]]]] = [
+                ("floor", functools.partial(floor_rows, rows, images, args)),
+                ("after", functools.partial(server_rows, checkpoint, rows, images, args)),
+            ]
+            if args.before:
+                parts.append(
+                    (
+                        "before",
+                        functools.partial(server_rows, checkpoint, rows, images, args, args.before),
+                    )
+                )
+            turn = number % len(parts)
+            measured = {name: run() for name, run in parts[turn:] + parts[:turn]}
+            one = {
+                "in_process_ms": inprocess,
+                "rows": round_entries(rows, inprocess, measured["floor"], measured["after"]),
+            }
+            if args.before:
+                one["before_rows"] = round_entries(
+                    rows, inprocess, measured["floor"], measured["before"]
+                )
+            rounds.append(one)
     results["rounds"] = rounds
     results["in_process_ms"] = median_of([one["in_process_ms"] for one in rounds])
-    results["rows"] = [
-        median_of([one["rows"][index] for one in rounds]) for index in range(len(rows))
-    ]
-    for index, entry in enumerate(results["rows"]):
-        if "own_over_floor" in entry and len(rounds) > 1:
-            entry["own_over_floor_rounds"] = [
-                one["rows"][index]["own_over_floor"] for one in rounds
-            ]
+    for key in ("rows", "before_rows") if args.before else ("rows",):
+        results[key] = [
+            median_of([one[key][index] for one in rounds]) for index in range(len(rows))
+        ]
+        for index, entry in enumerate(results[key]):
+            if "own_over_floor" in entry and len(rounds) > 1:
+                entry["own_over_floor_rounds"] = [
+                    one[key][index]["own_over_floor"] for one in rounds
+                ]
+    if args.before:
+        results["before"] = args.before
+        results["after_over_before"] = [
+            {
+                "row": row.name,
+                "own_ms_per_round": [
+                    (
+                        one["before_rows"][index]["own_ms_per_item"],
+                        one["rows"][index]["own_ms_per_item"],
+                    )
+                    for one in rounds
+                ],
+                "median_ratio": statistics.median(
+                    one["rows"][index]["own_ms_per_item"]
+                    / one["before_rows"][index]["own_ms_per_item"]
+                    for one in rounds
+                ),
+            }
+            for index, row in enumerate(rows)
+        ]
     print_table(results)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
@@ -838,10 +885,10 @@ def floor_rows(rows: list[Row], images: list[bytes], args: Any) -> dict[str, Mea
 
 
 def server_rows(
-    checkpoint: Path, rows: list[Row], images: list[bytes], args: Any
+    checkpoint: Path, rows: list[Row], images: list[bytes], args: Any, tree: str = ""
 ) -> dict[str, Measured]:
-    """Every row against a fresh clipvision server."""
-    with clipvision_server(checkpoint, args) as server:
+    """Every row against a fresh clipvision server (``tree``'s: see clipvision_server)."""
+    with clipvision_server(checkpoint, args, tree) as server:
         return {row.name: measure(server, row, images, args) for row in rows}
 
 
@@ -915,6 +962,20 @@ def print_table(results: dict[str, Any]) -> None:
             f"the median of {len(results['rounds'])} rounds (each ratio in brackets, in "
             "the order run)"
         )
+    if "before_rows" in results:
+        print(f"\nbefore: the server of {results['before']}")
+        print_rows(results["before_rows"], inprocess)
+        print("\nafter: this tree's server")
+    print_rows(results["rows"], inprocess)
+    if "after_over_before" in results:
+        print("\nown work after / before, the median of the rounds' ratios (before -> after ms):")
+        for compared in results["after_over_before"]:
+            pairs = ", ".join(f"{b:.3f} -> {a:.3f}" for b, a in compared["own_ms_per_round"])
+            print(f"- {compared['row']}: {compared['median_ratio']:.2f} ({pairs})")
+
+
+def print_rows(entries: list[dict[str, Any]], inprocess: dict[str, float]) -> None:
+    """One server's table, then its CPU per item by thread."""
     print()
     header = (
         "| pattern | server items/s | server CPU per item | of which pipeline (in-process) "
@@ -922,7 +983,7 @@ def print_table(results: dict[str, Any]) -> None:
     )
     print(header)
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for entry in results["rows"]:
+    for entry in entries:
         floor = entry.get("floor_cpu_ms_per_item")
         ratio = entry.get("own_over_floor")
         versus = f"{ratio:.1f}x (<= {entry.get('target', 0):g}x)" if ratio is not None else "-"
@@ -939,7 +1000,7 @@ def print_table(results: dict[str, Any]) -> None:
             f"| {versus} |"
         )
     print("\nserver CPU per item by thread:")
-    for entry in results["rows"]:
+    for entry in entries:
         split = ", ".join(
             f"{kind} {ms:.3f} ms" for kind, ms in sorted(entry["threads_ms_per_item"].items())
         )
