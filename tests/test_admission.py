@@ -386,6 +386,20 @@ def silent_stream(
     return pb_grpc.EmbeddingServiceStub(channel).EmbedImageStream(nothing())
 
 
+async def fill_read_room(
+    server: LiveServer, channels: tuple[grpc.aio.Channel, ...], never: asyncio.Event
+) -> list[grpc.aio.StreamStreamCall[pb.EmbedImageStreamRequest, pb.EmbedImageStreamResponse]]:
+    """One silent stream per channel, each started once the one before holds its read room
+    (4 MiB: read_room_settings), so that the first is the idlest."""
+    reads = server.server.registry.budget.reads
+    streams = []
+    for channel in channels:
+        held = reads.used
+        streams.append(silent_stream(channel, never))
+        await wait_until(lambda: reads.used == held + 4 * MIB)  # noqa: B023 (awaited here)
+    return streams
+
+
 async def test_idle_streams_holding_read_room_are_ended_when_others_need_it(
     base_settings: Settings,
 ) -> None:
@@ -397,10 +411,8 @@ async def test_idle_streams_holding_read_room_are_ended_when_others_need_it(
     ):
         reads = server.server.registry.budget.reads
         never: asyncio.Event = asyncio.Event()
-        first = silent_stream(idle_a, never)
-        await wait_until(lambda: reads.used == 4 * MIB)
-        second = silent_stream(idle_b, never)
-        await wait_until(lambda: reads.used == 8 * MIB)  # the read room is full
+        first, second = await fill_read_room(server, (idle_a, idle_b), never)
+        assert reads.used == 8 * MIB  # the read room is full
         started = time.monotonic()
         image = pb.Image(content=photo_bytes("rocket.jpg"))
         reply = await pb_grpc.EmbeddingServiceStub(busy).EmbedImage(
@@ -433,8 +445,8 @@ async def test_health_checks_are_answered_at_once_while_idle_streams_hold_the_re
     ):
         budget = server.server.registry.budget
         never: asyncio.Event = asyncio.Event()
-        streams = [silent_stream(channel, never) for channel in (idle_a, idle_b)]
-        await wait_until(lambda: budget.reads.used == budget.reads.limit)  # full
+        streams = await fill_read_room(server, (idle_a, idle_b), never)
+        assert budget.reads.used == budget.reads.limit  # full
         health = health_pb2_grpc.HealthStub(probes)
         for _ in range(5):
             started = time.monotonic()

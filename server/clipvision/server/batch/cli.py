@@ -16,7 +16,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from clipvision.client.cli import add_security_arguments, security_flags_given, security_of
+from clipvision.client.cli import (
+    PLAINTEXT,
+    add_security_arguments,
+    security_flags_given,
+    security_of,
+)
 from clipvision.server.batch.manifest import InputOptions
 from clipvision.server.batch.outcomes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, JobError
 from clipvision.server.batch.storage import JobDirectory, JobRecord, StorageError
@@ -184,7 +189,7 @@ def _run(args: argparse.Namespace) -> int:
     if secured and not args.endpoint:
         raise JobError(f"{secured[0]} is for --endpoint: the job hosts the model itself otherwise")
     try:
-        security = security_of(args) if args.endpoint else None
+        security = security_of(args) if args.endpoint else PLAINTEXT
     except OSError as error:
         raise JobError(f"cannot read {error.filename}: {error.strerror}") from error
     options = RunOptions(

@@ -72,8 +72,8 @@ class RunOptions:
     endpoint: str | None = None
     """Call this server instead of hosting the model (``model.model`` then names a served
     model, empty for its default)."""
-    security: Security | None = None
-    """TLS and token of the calls to ``endpoint`` (None: plaintext, no token)."""
+    security: Security = field(default_factory=lambda: PLAINTEXT)
+    """TLS and token of the calls to ``endpoint``."""
     normalize: bool = True
     shard_size: int = 1000
     batch_size: int = 32
@@ -130,7 +130,7 @@ def identify_model(options: RunOptions) -> ModelIdentity:
         return ModelIdentity(options.model.spec.name, config.embedding_dim, config.preprocess)
     try:
         with EmbeddingClient(
-            options.endpoint, **(options.security or PLAINTEXT), timeout=10.0, max_attempts=2
+            options.endpoint, **options.security, timeout=10.0, max_attempts=2
         ) as client:
             info = client.model_info()
     except (UnavailableError, DeadlineExceededError) as error:
@@ -345,7 +345,7 @@ def run_shards(
         embed_kwargs = {
             "options": EndpointOptions(
                 address=options.endpoint,
-                security=options.security or PLAINTEXT,
+                security=options.security,
                 model=identity.name,
                 dim=identity.dim,
                 kind=record.kind,

@@ -195,10 +195,9 @@ class TextPipeline:
 
     def _tokenized(self, item: _Item, outcome: _Tokenized | BaseException) -> None:
         item.job = None
-        if isinstance(outcome, _Tokenized) and outcome.ticket is not None and item.future.done():
-            outcome.ticket.release()  # admitted by the worker as the caller left
-            return
         if item.future.done():
+            if isinstance(outcome, _Tokenized) and outcome.ticket is not None:
+                outcome.ticket.release()  # admitted by the worker as the caller left
             return
         if isinstance(outcome, BaseException):
             settle_failed(item.future, outcome)
