@@ -20,8 +20,8 @@ pass. For each row, in one run on one machine:
 - the server's own work = the two subtracted;
 - beside it (not the issue's measure), the same reference with its two parts looping at
   once in two threads, as the server's preprocessing pool and device thread run them,
-  sharing the cores and the GIL: the server's work beyond that is what its own code and
-  its event loop cost, without the threads' contention;
+  sharing the cores and the GIL: the server's work beyond that leaves out what those two
+  threads cost each other (not what the loop, gRPC or the load generator cost them);
 - the floor: a bare grpc.aio server in the same venv, whose handlers receive the
   same request messages (parsed by grpc) and answer a 16-float embedding, under
   the same load: its CPU per message (per item for the batch rows), on the same
@@ -733,13 +733,17 @@ def _side_by_side_once(
 
     def run_prepare() -> None:
         started = time.thread_time()
-        while not stop.is_set():
+        while True:  # once at least, however slow (a real model's batch takes seconds)
             done[0] += prepare()
+            if stop.is_set():
+                break
         prepare_cpu[0] = time.thread_time() - started
 
     def run_forward() -> None:
-        while not stop.is_set():
+        while True:
             done[1] += forward()
+            if stop.is_set():
+                break
 
     threads = [threading.Thread(target=run_prepare), threading.Thread(target=run_forward)]
     started = time.process_time()
