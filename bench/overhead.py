@@ -835,7 +835,8 @@ def main(argv: list[str] | None = None) -> int:
         "--before",
         default="",
         help="a checkout of another commit (git worktree add): its server is measured in "
-        "every round too, beside this tree's, and the two are set against each other",
+        "every round too, beside this tree's (which goes first swaps every round: give an "
+        "even --rounds), and the two are set against each other",
     )
     parser.add_argument("--no-floor", action="store_true", help="skip the bare server")
     parser.add_argument("--out", default="", help="write the results as JSON here")
@@ -880,20 +881,22 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = build_checkpoint(Path(directory))
         for number in range(args.rounds):
             inprocess = pipeline_cpu_ms(checkpoint, images, args)
-            # Rotated, so that a machine slowing through the run favours no side.
-            parts: list[tuple[str, Callable[[], dict[str, Measured]]]] = [
-                ("floor", functools.partial(floor_rows, rows, images, args)),
-                ("after", functools.partial(server_rows, checkpoint, rows, images, args)),
+            # Ordered so that a machine drifting through the run favours no side: the two
+            # servers swap every round (an even number of rounds balances them), the floor
+            # goes first or last every other round.
+            floor: RowsOf = ("floor", functools.partial(floor_rows, rows, images, args))
+            servers: list[RowsOf] = [
+                ("after", functools.partial(server_rows, checkpoint, rows, images, args))
             ]
             if args.before:
-                parts.append(
-                    (
-                        "before",
-                        functools.partial(server_rows, checkpoint, rows, images, args, args.before),
-                    )
-                )
-            turn = number % len(parts)
-            measured = {name: run() for name, run in parts[turn:] + parts[:turn]}
+                before = functools.partial(server_rows, checkpoint, rows, images, args, args.before)
+                servers.append(("before", before))
+            if number % 2:
+                servers.reverse()
+            parts = [floor, *servers]
+            if (number // 2 if args.before else number) % 2:
+                parts = parts[1:] + parts[:1]
+            measured = {name: run() for name, run in parts}
             one = {
                 "in_process_ms": inprocess,
                 "rows": round_entries(rows, inprocess, measured["floor"], measured["after"]),
@@ -938,6 +941,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
     return 0
+
+
+# A part of a round: its name, and the run measuring every row against it.
+RowsOf = tuple[str, Callable[[], dict[str, "Measured"]]]
 
 
 def floor_rows(rows: list[Row], images: list[bytes], args: Any) -> dict[str, Measured]:
