@@ -268,22 +268,29 @@ class ServerUnderTest:
                 count += float(line.rsplit(" ", 1)[1])
         return items, count
 
-    def thread_seconds(self) -> dict[str, float]:
-        """CPU seconds so far per kind of thread: the event loop's (the main thread), gRPC
+    def thread_counters(self) -> dict[str, tuple[float, float, float]]:
+        """Per kind of thread, so far: CPU seconds, of which in the kernel, and context
+        switches (voluntary and not). The kinds: the event loop's (the main thread), gRPC
         core's (named by gRPC), the preprocessing pool's and the device thread's with the
         runtime's workers it started (named by the server), and the rest."""
         assert self.process is not None
         pid = self.process.pid
-        totals: dict[str, float] = {}
+        totals: dict[str, tuple[float, float, float]] = {}
         ticks = os.sysconf("SC_CLK_TCK")
         for task in Path(f"/proc/{pid}/task").iterdir():
             try:
                 stat = (task / "stat").read_text()
                 comm = (task / "comm").read_text().strip()
+                status = (task / "status").read_text()
             except OSError:
                 continue
             fields = stat.rpartition(")")[2].split()
-            seconds = (int(fields[11]) + int(fields[12])) / ticks
+            user, system = int(fields[11]) / ticks, int(fields[12]) / ticks
+            switches = sum(
+                int(line.split()[1])
+                for line in status.splitlines()
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"))
+            )
             if int(task.name) == pid:
                 kind = "event loop"
             elif comm.startswith(("grpc", "event_engine", "lifeguard")):
@@ -292,7 +299,8 @@ class ServerUnderTest:
                 kind = comm.removeprefix("cv-")
             else:
                 kind = "other threads"
-            totals[kind] = totals.get(kind, 0.0) + seconds
+            seconds, kernel, count = totals.get(kind, (0.0, 0.0, 0.0))
+            totals[kind] = (seconds + user + system, kernel + system, count + switches)
         return totals
 
 
@@ -542,6 +550,10 @@ class Measured:
     items_per_s: float
     cpu_ms_per_item: float
     threads_ms_per_item: dict[str, float]
+    kernel_ms_per_item: float
+    """Of the CPU, what the kernel spent for the server (system time, every thread)."""
+    switches_per_item: dict[str, float]
+    """Context switches of each kind of thread, voluntary (a wait) or not (preempted)."""
     mean_batch: float
 
 
@@ -558,13 +570,13 @@ def measure(server: ServerUnderTest, row: Row, images: list[bytes], args: Any) -
     try:
         assert ours.recv() == "open"
         cpu_open = server.cpu_seconds()
-        threads_open = server.thread_seconds()
+        threads_open = server.thread_counters()
         batches_open = server.batches()
         if args.profile and server.process is not None and server.ready != "listening on":
             profiler = _profile(server.process.pid, row, args)
         assert ours.recv() == "close"
         cpu_close = server.cpu_seconds()
-        threads_close = server.thread_seconds()
+        threads_close = server.thread_counters()
         batches_close = server.batches()
         answered, window = ours.recv()
     finally:
@@ -575,17 +587,23 @@ def measure(server: ServerUnderTest, row: Row, images: list[bytes], args: Any) -
             profiler.wait(60)
     if not answered:
         raise RuntimeError(f"{row.name}: nothing was answered in the window")
-    threads = {
-        kind: (threads_close[kind] - threads_open.get(kind, 0.0)) * 1000 / answered
-        for kind in threads_close
+    # Per kind: CPU seconds, kernel seconds, switches, each over the window, per item.
+    spent = {
+        kind: [
+            (now - then) / answered
+            for now, then in zip(close, threads_open.get(kind, (0.0, 0.0, 0.0)), strict=True)
+        ]
+        for kind, close in threads_close.items()
     }
     items = batches_close[0] - batches_open[0]
     batches = batches_close[1] - batches_open[1]
     return Measured(
-        answered / window,
-        (cpu_close - cpu_open) * 1000 / answered,
-        threads,
-        items / batches if batches else 0.0,
+        items_per_s=answered / window,
+        cpu_ms_per_item=(cpu_close - cpu_open) * 1000 / answered,
+        threads_ms_per_item={kind: each[0] * 1000 for kind, each in spent.items()},
+        kernel_ms_per_item=sum(each[1] for each in spent.values()) * 1000,
+        switches_per_item={kind: each[2] for kind, each in spent.items()},
+        mean_batch=items / batches if batches else 0.0,
     )
 
 
@@ -988,6 +1006,8 @@ def round_entries(
             "own_ms_per_item": own,
             "own_beyond_shared_ms_per_item": shared_own,
             "threads_ms_per_item": measured.threads_ms_per_item,
+            "kernel_ms_per_item": measured.kernel_ms_per_item,
+            "switches_per_item": measured.switches_per_item,
             "mean_batch": measured.mean_batch,
         }
         if row.name in floor:
@@ -995,6 +1015,8 @@ def round_entries(
             entry["floor_items_per_s"] = base.items_per_s
             entry["floor_cpu_ms_per_item"] = base.cpu_ms_per_item
             entry["floor_threads_ms_per_item"] = base.threads_ms_per_item
+            entry["floor_kernel_ms_per_item"] = base.kernel_ms_per_item
+            entry["floor_switches_per_item"] = base.switches_per_item
             entry["own_over_floor"] = own / base.cpu_ms_per_item
             entry["own_beyond_shared_over_floor"] = shared_own / base.cpu_ms_per_item
             entry["target"] = 8.0 if row.kind == "batch" else 2.0
@@ -1079,26 +1101,38 @@ def print_rows(entries: list[dict[str, Any]], inprocess: dict[str, float]) -> No
             f"| {f'{floor:.3f} ms' if floor is not None else '-'} "
             f"| {versus} |"
         )
-    print("\nserver CPU per item by thread:")
+    print("\nserver CPU per item by thread (context switches per item):")
     for entry in entries:
-        split = ", ".join(
-            f"{kind} {ms:.3f} ms" for kind, ms in sorted(entry["threads_ms_per_item"].items())
+        split = by_thread(entry["threads_ms_per_item"], entry.get("switches_per_item", {}))
+        bare = by_thread(
+            entry.get("floor_threads_ms_per_item", {}), entry.get("floor_switches_per_item", {})
         )
-        bare = ", ".join(
-            f"{kind} {ms:.3f} ms"
-            for kind, ms in sorted(entry.get("floor_threads_ms_per_item", {}).items())
-        )
+        kernel = f"; in the kernel {entry['kernel_ms_per_item']:.3f} ms"
+        if "floor_kernel_ms_per_item" in entry:
+            kernel += f" (bare {entry['floor_kernel_ms_per_item']:.3f} ms)"
         at_batch = forward_at(inprocess, entry["row"]["modality"], entry["mean_batch"])
         beyond = entry["own_beyond_shared_ms_per_item"]
         shared = f"; own work beyond the side-by-side reference {beyond:.3f} ms"
         if "own_beyond_shared_over_floor" in entry:
             shared += f", {entry['own_beyond_shared_over_floor']:.1f}x bare"
         print(
-            f"- {entry['row']['name']}: {split}; mean batch {entry['mean_batch']:.1f} "
+            f"- {entry['row']['name']}: {split}{kernel}; mean batch {entry['mean_batch']:.1f} "
             f"(in-process forward at that batch {at_batch:.3f} ms)"
             + (f" (bare grpc.aio: {bare})" if bare else "")
             + shared
         )
+
+
+def by_thread(cpu_ms: dict[str, float], switches: dict[str, float]) -> str:
+    """CPU per item of each kind of thread, with its context switches per item, and their
+    sum: a hand-over between threads costs a switch each way, and on busy cores the one
+    woken often preempts the one running."""
+    if not cpu_ms:
+        return ""
+    parts = [
+        f"{kind} {ms:.3f} ms ({switches.get(kind, 0.0):.1f})" for kind, ms in sorted(cpu_ms.items())
+    ]
+    return ", ".join(parts) + f", {sum(switches.values()):.1f} switches in all"
 
 
 def forward_at(inprocess: dict[str, float], modality: str, batch: float) -> float:
