@@ -22,8 +22,11 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from clipvision.inference_v2 import grpc_service_pb2 as oip
+from clipvision.inference_v2 import grpc_service_pb2_grpc as oip_grpc
 from clipvision.server.app import ClipVisionServer, create_server
 from clipvision.server.config.settings import Settings
+from clipvision.server.wire.gate import CallKind
 from clipvision.v1 import embedding_service_pb2 as pb
 from clipvision.v1 import embedding_service_pb2_grpc as pb_grpc
 from tests.conftest import photo_bytes, running_server, settings_with
@@ -299,6 +302,46 @@ async def test_idle_stream_is_ended_after_the_idle_timeout(base_settings: Settin
         assert "idle" in (ended.value.details() or "")
         assert _refused(server, f"{SERVICE}/EmbedImageStream", "UNAVAILABLE", "STREAM_IDLE") == 1
         await feed.queue.put(None)
+
+
+async def test_oip_liveness_and_readiness_are_probes_like_grpc_health(
+    base_settings: Settings,
+) -> None:
+    """ServerLive and ServerReady need no slot and no token, as Health.Check and HTTP's
+    /v2/health/live and /ready: with every unary slot held by a stalled call (none of them
+    stalled long enough to be evicted), they are answered at once; ModelReady is an
+    ordinary call."""
+    settings = settings_with(
+        base_settings, auth_token="s3cret", max_concurrent_rpcs=4, max_calls_per_connection=4
+    )
+    metadata = (("authorization", "Bearer s3cret"),)
+    async with running_server(settings) as (server, channel):
+        wire = await WireConnection.open(_port(server))
+        try:
+            for _ in range(4):  # every unary slot: a request that never completes
+                stream_id = wire.start_call(f"{SERVICE}/EmbedImage", metadata=metadata)
+                wire.send_data(stream_id, grpc_message(b"\x0a" * 900, declared_length=1000))
+            await wire.flush()
+            unary = server.gate.pools[CallKind.UNARY]
+            for _ in range(50):
+                if len(unary) == unary.capacity:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(unary) == unary.capacity == 4
+            inference = oip_grpc.GRPCInferenceServiceStub(channel)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            live = await inference.ServerLive(oip.ServerLiveRequest(), timeout=5)
+            ready = await inference.ServerReady(oip.ServerReadyRequest(), timeout=5)
+            # Before any stalled call could be evicted (1 s) to make room for them.
+            assert loop.time() - started < 0.6
+            assert live.live
+            assert ready.ready
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await inference.ModelReady(oip.ModelReadyRequest(name="tiny"), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            await wire.close()
 
 
 async def test_without_the_token_a_caller_holds_nothing(base_settings: Settings) -> None:

@@ -7,8 +7,9 @@ hold every slot. The gate instead:
 - refuses a call without the bearer token (when one is set) from its headers
   alone, before it holds a slot or a byte of its message is read;
 - keeps separate pools for unary calls, streams and health watches, each
-  bounded in all and per connection; health checks need no slot, so probes are
-  always answered. When a pool is full, the holder idle the longest (a call
+  bounded in all and per connection; health checks (grpc.health.v1's Check, and
+  the Open Inference Protocol's ServerLive and ServerReady) need no slot and no
+  token, so probes are always answered. When a pool is full, the holder idle the longest (a call
   still waiting for its message, a stream that neither sends nor receives)
   makes room, never a call that is working;
 - reads a unary request message itself, within ``read_timeout_s``, and parses
@@ -58,6 +59,16 @@ logger = logging.getLogger(__name__)
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
+# What a probe asks (no slot, no token, the probes' read room): grpc's health check, and the
+# Open Inference Protocol's liveness and readiness, which HTTP serves as probes too
+# (GET /v2/health/live and /ready). ModelReady is an ordinary call on both.
+PROBES = frozenset(
+    {
+        HEALTH_CHECK,
+        "/inference.GRPCInferenceService/ServerLive",
+        "/inference.GRPCInferenceService/ServerReady",
+    }
+)
 UNKNOWN_METHOD = "unknown"
 
 if TYPE_CHECKING:
@@ -532,7 +543,7 @@ class _Admission:
 
 
 def _kind(method: str, handler: Handler) -> CallKind:
-    if method == HEALTH_CHECK:
+    if method in PROBES:
         return CallKind.PROBE
     if method == HEALTH_WATCH:
         return CallKind.WATCH
