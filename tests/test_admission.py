@@ -431,7 +431,7 @@ async def test_idle_streams_holding_read_room_are_ended_when_others_need_it(
         await wait_until(lambda: server.server.registry.budget.used == 0)
 
 
-async def test_health_checks_are_answered_at_once_while_idle_streams_hold_the_read_room(
+async def test_health_checks_and_watches_are_answered_at_once_while_idle_streams_hold_the_read_room(
     base_settings: Settings,
 ) -> None:
     # Before health checks had a read room of their own, a probe waited here until the
@@ -454,7 +454,14 @@ async def test_health_checks_are_answered_at_once_while_idle_streams_hold_the_re
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
             assert time.monotonic() - started < 0.5, "the probe waited for the streams' room"
         assert budget.probe_reads.used == 0  # each probe gave its room back
-        assert budget.reads.used == budget.reads.limit  # and no stream was ended for it
+        # A watch (gRPC's client-side health checking) too: its first answer at once.
+        started = time.monotonic()
+        watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=5)
+        first = await watch.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        assert time.monotonic() - started < 0.5, "the watch waited for the streams' room"
+        watch.cancel()
+        assert budget.reads.used == budget.reads.limit  # and no stream was ended for them
         for stream in streams:
             stream.cancel()
         never.set()

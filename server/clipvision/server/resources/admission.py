@@ -303,8 +303,9 @@ class MemoryBudget:
     header to be parsed; the rest (``pool``) holds admitted items. Kept apart, they
     cannot deadlock: items waiting for room hold only read room, so whatever the read
     room holds, one item that passes ``check`` always fits once the admitted ones are
-    answered. Health checks read within a room of their own (``probe_reads``, one of the
-    largest messages), so that streams holding the read room never keep a probe waiting.
+    answered. Health checks and watches read within a room of their own (``probe_reads``,
+    one of the largest messages), so that streams holding the read room never keep a probe
+    waiting, and callers without the token never take the others' room.
     """
 
     def __init__(

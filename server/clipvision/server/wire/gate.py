@@ -205,7 +205,7 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 ),
             )
         kind = _kind(method, handler)
-        if self._token is not None and kind not in (CallKind.PROBE, CallKind.WATCH):
+        if self._token is not None and kind not in _HEALTH:
             refusal = self._token.refusal(handler_call_details.invocation_metadata or ())
             if refusal is not None:
                 return self._refusal_handler(method, refusal)
@@ -461,13 +461,14 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         A unary call waits at most ``wait_s`` (then MEMORY_BUDGET_FULL); a stream waits as
         long as it takes (it stops reading: backpressure). Waiting, it first makes room by
-        ending the call that has waited longest for a message while holding room. A health
-        check reads in a room of its own, which streams holding the read room cannot fill.
+        ending the call that has waited longest for a message while holding room. Health
+        checks and watches read in a room of their own, which streams holding the read room
+        cannot fill, and which they, needing no token, cannot take from anyone else.
         """
         if self._budget is None:
             return None
         caller = caller_of(context, self.limits.client_certificates)
-        probe = call.kind is CallKind.PROBE
+        probe = call.kind in _HEALTH
         hold = self._budget.try_reserve_read(caller, probe)
         if hold is None:
             self._make_read_room(probe)
@@ -482,9 +483,7 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         at once, and a stream between messages can open again."""
         if self._budget is None or not self._budget.read_room(probe).waiting:
             return
-        readers = (
-            entry for entry in self._reading.items() if (entry[0].kind is CallKind.PROBE) == probe
-        )
+        readers = (entry for entry in self._reading.items() if (entry[0].kind in _HEALTH) == probe)
         idlest = min(readers, key=lambda entry: entry[1], default=None)
         if idlest is None:
             return
@@ -540,6 +539,10 @@ class _Admission:
     async def __aexit__(self, kind: Any, error: BaseException | None, trace: Any) -> bool:
         assert self._call is not None
         return await self._gate._exit(self._call, self._context, error)
+
+
+# The calls that need no token, and read their request in the probes' room.
+_HEALTH = (CallKind.PROBE, CallKind.WATCH)
 
 
 def _kind(method: str, handler: Handler) -> CallKind:
