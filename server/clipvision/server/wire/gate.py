@@ -9,9 +9,9 @@ hold every slot. The gate instead:
 - keeps separate pools for unary calls, streams and health watches, each
   bounded in all and per connection; health checks (grpc.health.v1's Check, and
   the Open Inference Protocol's ServerLive and ServerReady) need no slot and no
-  token, so probes are always answered. When a pool is full, the holder idle the longest (a call
-  still waiting for its message, a stream that neither sends nor receives)
-  makes room, never a call that is working;
+  token, so probes are always answered. When a pool is full, the holder idle the
+  longest (a call still waiting for its message, a stream that neither sends nor
+  receives) makes room, never a call that is working;
 - reads a unary request message itself, within ``read_timeout_s``, and parses
   every request message itself, so a missing, truncated or malformed message
   gets INVALID_ARGUMENT with a plain message instead of silence or a Python
@@ -82,6 +82,10 @@ class CallKind(Enum):
     WATCH = "watch"
     UNARY = "unary"
     STREAM = "stream"
+
+
+# The calls that need no token, and read their request in the probes' room.
+_HEALTH = (CallKind.PROBE, CallKind.WATCH)
 
 
 @dataclass(frozen=True)
@@ -539,10 +543,6 @@ class _Admission:
     async def __aexit__(self, kind: Any, error: BaseException | None, trace: Any) -> bool:
         assert self._call is not None
         return await self._gate._exit(self._call, self._context, error)
-
-
-# The calls that need no token, and read their request in the probes' room.
-_HEALTH = (CallKind.PROBE, CallKind.WATCH)
 
 
 def _kind(method: str, handler: Handler) -> CallKind:
