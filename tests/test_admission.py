@@ -468,6 +468,40 @@ async def test_health_checks_and_watches_are_answered_at_once_while_idle_streams
         await wait_until(lambda: budget.used == 0)
 
 
+async def test_watches_naming_huge_services_cannot_hold_the_probes_room(
+    base_settings: Settings,
+) -> None:
+    # A watch keeps its request's room while it watches, and needs no token: two watches
+    # naming 1.5 MiB services held the probes' 4 MiB room (read_room_settings) for good, and
+    # every health check then waited for room until it timed out. A health request is capped.
+    async with (
+        live_server(read_room_settings(base_settings)) as server,
+        own_channel(server) as attacker,
+        own_channel(server) as probes,
+    ):
+        budget = server.server.registry.budget
+        huge = health_pb2.HealthCheckRequest(service="s" * (3 * MIB // 2))
+        health = health_pb2_grpc.HealthStub(attacker)
+        for _ in range(3):
+            watch = health.Watch(huge, timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await watch.read()
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert details(refused.value)[0] == "REQUEST_TOO_LARGE"
+        await wait_until(lambda: budget.probe_reads.used == 0)
+        started = time.monotonic()
+        reply = await health_pb2_grpc.HealthStub(probes).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert time.monotonic() - started < 0.5
+        # A watch naming a real service still watches.
+        named = health_pb2.HealthCheckRequest(service="clipvision.v1.EmbeddingService")
+        watch = health_pb2_grpc.HealthStub(probes).Watch(named, timeout=5)
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+
+
 async def test_streams_cut_off_while_reading_give_their_read_room_back(
     base_settings: Settings,
 ) -> None:

@@ -86,6 +86,11 @@ class CallKind(Enum):
 
 # The calls that need no token, and read their request in the probes' room.
 _HEALTH = (CallKind.PROBE, CallKind.WATCH)
+# The largest request such a call may send: a health request names a service (a few dozen
+# bytes), OIP's liveness and readiness requests are empty. A watch keeps its request's room
+# for as long as it watches, so without a cap a caller without the token could fill the
+# probes' room with a few watches naming megabyte-long services.
+HEALTH_REQUEST_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -389,6 +394,12 @@ class CallGate(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 Reason.REQUEST_MISSING,
                 "The call ended without a complete request message (none, truncated, or over "
                 "the size limit); send exactly one message.",
+            )
+        if call.kind in _HEALTH and len(raw) > HEALTH_REQUEST_BYTES:
+            raise InvalidRequestError(
+                Reason.REQUEST_TOO_LARGE,
+                f"A health request is at most {HEALTH_REQUEST_BYTES} bytes (it names a "
+                f"service); this one has {len(raw)}.",
             )
         if call.slot is not None:
             call.slot.set_idle(False)
