@@ -415,6 +415,46 @@ async def stalled_unary(server: Server) -> str:
     return await hold_streams(server, EMBED_IMAGE, 300, first, per_connection=50)
 
 
+async def huge_watches(server: Server) -> str:
+    """Health.Watch calls naming a 1 MiB service, no token, 16 at a time on 4 connections,
+    each opened again as soon as it ends, for HOLD_S: a watch keeps its request's read room
+    while it watches, so such watches held the probes' room (and before that the data
+    calls') until the gate capped health requests."""
+    request = health_pb2.HealthCheckRequest(service="s" * (1 << 20))
+    outcomes: collections.Counter[str] = collections.Counter()
+    deadline = time.monotonic() + HOLD_S
+
+    async def watcher(channel: grpc.aio.Channel) -> None:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            call = stub.Watch(request, timeout=HOLD_S + 5)
+            try:
+                await call.read()
+                outcomes["watching"] += 1  # served: hold it, as an attacker would
+                await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+                call.cancel()
+            except grpc.aio.AioRpcError as error:
+                outcomes[f"{error.code().name} {details_reason(error)}".strip()] += 1
+
+    channels = [own_channel(server.port) for _ in range(4)]
+    try:
+        await asyncio.gather(*(watcher(channels[index % 4]) for index in range(16)))
+    finally:
+        for channel in channels:
+            await channel.close(None)
+    return ", ".join(f"{name} x{count}" for name, count in sorted(outcomes.items()))
+
+
+def details_reason(error: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason of a refusal, or nothing."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return str(info.reason)
+    return ""
+
+
 FLOOD_CALLS = 400
 FLOOD_THREADS = 100
 
@@ -723,6 +763,11 @@ ATTACKS = [
     ),
     Attack(
         "watch_streams", "260 Health.Watch streams, no token, 100 per connection", watch_streams
+    ),
+    Attack(
+        "huge_watches",
+        "Health.Watch naming a 1 MiB service, no token, 16 at a time on 4 conn., reopened",
+        huge_watches,
     ),
     Attack("idle_streams", "260 EmbedImageStream, token, no message, 100 per conn.", idle_streams),
     Attack(
