@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import psutil
@@ -51,6 +51,7 @@ from tests.scrape import scrape, value  # noqa: E402
 
 TOKEN = "attack-bench-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
+Detail = TypeVar("Detail", error_details_pb2.ErrorInfo, error_details_pb2.RetryInfo)
 SERVICE = "/clipvision.v1.EmbeddingService/"
 EMBED_IMAGE = SERVICE + "EmbedImage"
 EMBED_IMAGES = SERVICE + "EmbedImages"
@@ -445,14 +446,10 @@ async def huge_watches(server: Server) -> str:
     return ", ".join(f"{name} x{count}" for name, count in sorted(outcomes.items()))
 
 
-def details_reason(error: grpc.aio.AioRpcError) -> str:
+def details_reason(error: grpc.RpcError) -> str:
     """The ErrorInfo reason of a refusal, or nothing."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    for detail in status.details if status is not None else ():
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return str(info.reason)
-    return ""
+    info = status_detail(error, error_details_pb2.ErrorInfo)
+    return str(info.reason) if info is not None else ""
 
 
 FLOOD_CALLS = 400
@@ -461,13 +458,19 @@ FLOOD_THREADS = 100
 
 def retry_delay_s(error: grpc.RpcError) -> float:
     """The RetryInfo delay a refusal carries (0 without one)."""
+    retry = status_detail(error, error_details_pb2.RetryInfo)
+    return float(retry.retry_delay.ToTimedelta().total_seconds()) if retry is not None else 0.0
+
+
+def status_detail(error: grpc.RpcError, kind: type[Detail]) -> Detail | None:
+    """The first detail of type ``kind`` in a refusal's rich status, or None."""
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    for detail in status.details if status is not None else []:
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = error_details_pb2.RetryInfo()
-            detail.Unpack(retry)
-            return float(retry.retry_delay.ToTimedelta().total_seconds())
-    return 0.0
+    for detail in status.details if status is not None else ():
+        if detail.Is(kind.DESCRIPTOR):
+            found = kind()
+            detail.Unpack(found)
+            return found
+    return None
 
 
 def flood_once(port: int) -> collections.Counter[str]:
